@@ -301,7 +301,7 @@ class EncoderStack(nnx.Module):
 
     def arrays(self) -> dict:
         """{name: [layers, ...] array} of every stacked parameter."""
-        return {name: value.value for name, value in vars(self).items() if isinstance(value, nnx.Param)}
+        return {name: value[...] for name, value in vars(self).items() if isinstance(value, nnx.Param)}
 
     def __call__(self, x, bias, rng, config: GLMConfig, collect_hidden: bool, collect_attentions: bool):
         """Runs every layer. x: [batch, genes, hidden].
@@ -354,16 +354,16 @@ class GLM(nnx.Module):
         """Input projection + token type 0 + LayerNorm + dropout. [b, s, emb_dim] -> [b, s, hidden]"""
         config = self.config
         dtype = DTYPES[config.compute_dtype]
-        x = _dense(inputs_embeds, self.input_kernel.value, self.input_bias.value, "bsf,fe->bse", dtype)
-        x = x + self.token_type_embedding.value[0].astype(dtype)
-        x = layer_norm(x, self.embedding_norm_scale.value, self.embedding_norm_bias.value, config.layer_norm_eps)
+        x = _dense(inputs_embeds, self.input_kernel[...], self.input_bias[...], "bsf,fe->bse", dtype)
+        x = x + self.token_type_embedding[...][0].astype(dtype)
+        x = layer_norm(x, self.embedding_norm_scale[...], self.embedding_norm_bias[...], config.layer_norm_eps)
         return dropout(x, config.hidden_dropout, rng)
 
     def head(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
         """hidden [b, s, hidden] -> predictions [b, s, num_pred, num_pc], logits [b, s, num_pred] (float32)."""
         dtype = DTYPES[self.config.compute_dtype]
-        predictions = _dense(hidden, self.prediction_kernel.value, self.prediction_bias.value, "bse,epc->bspc", dtype)
-        logits = _dense(hidden, self.logit_kernel.value, self.logit_bias.value, "bse,ep->bsp", dtype)
+        predictions = _dense(hidden, self.prediction_kernel[...], self.prediction_bias[...], "bse,epc->bspc", dtype)
+        logits = _dense(hidden, self.logit_kernel[...], self.logit_bias[...], "bse,ep->bsp", dtype)
         return predictions.astype(jnp.float32), logits.astype(jnp.float32)
 
     def __call__(

@@ -1,0 +1,172 @@
+"""Inference: the `glm-jax forward` batch contract and gene embeddings of trained models.
+
+`glm-jax forward --checkpoint DIR --input batch.npz --output out.npz`
+
+input .npz:   inputs_embeds [batch, genes, emb_dim], attention_mask [batch, genes]
+              optional labels [batch, genes, num_pc], masked_tokens [batch, genes] (or [..., 1])
+output .npz:  last_hidden_state [batch, genes, hidden]
+              hidden_states     [batch, layers + 1, genes, hidden]
+              attentions        [batch, layers, heads, genes, genes]
+              predictions       [batch, genes, num_pred, num_pc]
+              probabilities     [batch, genes, num_pred]   softmax of the hypothesis logits
+              contacts          [batch, genes, genes, layers * heads]
+              with labels: loss, mse, ce (the training objective), closest [batch, genes],
+              pseudo_accuracy, absolute_accuracy, mean_confidence, confident_fraction,
+              confident_accuracy (over masked genes)
+Rows flagged in masked_tokens are set to -1.0 (the original's mask token) before the model.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from glm_jax import objective
+from glm_jax.model import GLM, contacts_from_attentions
+
+OUTPUT_KEYS = ("last_hidden_state", "hidden_states", "attentions", "predictions", "probabilities", "contacts")
+
+
+def validate_batch(batch: dict, emb_dim: int, num_pc: int, max_genes: int) -> dict:
+    """Checks names, shapes and values of a forward batch; returns it as float32/bool arrays."""
+    for name in ("inputs_embeds", "attention_mask"):
+        if name not in batch:
+            raise ValueError(f"input is missing {name!r} (has {sorted(batch)})")
+    inputs = np.asarray(batch["inputs_embeds"], np.float32)
+    if inputs.ndim != 3 or inputs.shape[-1] != emb_dim:
+        raise ValueError(f"inputs_embeds must be [batch, genes, {emb_dim}], got {list(inputs.shape)}")
+    b, s, _ = inputs.shape
+    if s > max_genes:
+        raise ValueError(f"inputs have {s} genes per contig; the model's position table allows {max_genes}")
+    out = {"inputs_embeds": inputs, "attention_mask": np.asarray(batch["attention_mask"], np.float32)}
+    if out["attention_mask"].shape != (b, s):
+        raise ValueError(f"attention_mask must be [{b}, {s}], got {list(out['attention_mask'].shape)}")
+    if not np.isin(out["attention_mask"], (0, 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (gene)")
+    if not np.isfinite(inputs).all():
+        rows = np.argwhere(~np.isfinite(inputs).all(-1))[:5].tolist()
+        raise ValueError(f"inputs_embeds contain NaN/Inf (first [contig, gene] rows: {rows})")
+    if "masked_tokens" in batch:
+        masked = np.asarray(batch["masked_tokens"])
+        masked = masked.reshape(masked.shape[:2]) if masked.ndim == 3 and masked.shape[-1] == 1 else masked
+        if masked.shape != (b, s):
+            raise ValueError(f"masked_tokens must be [{b}, {s}] or [{b}, {s}, 1], got {list(masked.shape)}")
+        out["masked_tokens"] = masked.astype(bool) & (out["attention_mask"] != 0)
+    if "labels" in batch:
+        labels = np.asarray(batch["labels"], np.float32)
+        if labels.shape != (b, s, num_pc):
+            raise ValueError(f"labels must be [{b}, {s}, {num_pc}], got {list(labels.shape)}")
+        if not np.isfinite(labels).all():
+            raise ValueError("labels contain NaN/Inf")
+        out["labels"] = labels
+        out.setdefault("masked_tokens", np.zeros((b, s), bool))
+    return out
+
+
+@nnx.jit(static_argnames=("with_labels", "label_clip", "reduction"))
+def _forward(model: GLM, inputs_embeds, attention_mask, masked, labels, *, with_labels: bool,
+             label_clip: float, reduction: str):
+    inputs = objective.apply_gene_mask(inputs_embeds, masked)
+    out = model(inputs, attention_mask, output_hidden_states=True, output_attentions=True)
+    result = {
+        "last_hidden_state": out.last_hidden_state.astype(jnp.float32),
+        "hidden_states": out.hidden_states.astype(jnp.float32),
+        "attentions": out.attentions,
+        "predictions": out.predictions,
+        "probabilities": jax.nn.softmax(out.logits, axis=-1),
+        "contacts": contacts_from_attentions(out.attentions),
+    }
+    if with_labels:
+        labels = objective.clip_labels(labels, label_clip)
+        terms = objective.multi_hypothesis_loss(out.predictions, out.logits, labels, masked,
+                                                prob_loss_weight=1e-4, reduction=reduction)
+        result.update(loss=terms.loss, mse=terms.mse, ce=terms.ce, closest=terms.closest)
+        result["metric_sums"] = objective.masked_gene_metrics(out.predictions, out.logits, labels, masked)
+    return result
+
+
+def _minibatches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def forward(model: GLM, batch: dict, *, batch_size: int = 64, label_clip: float = 10.0,
+            reduction: str = "all_positions") -> dict[str, np.ndarray]:
+    """Runs the model on a whole validated batch in minibatches; returns numpy outputs.
+
+    The loss is averaged over minibatches weighted by their positions (the original's
+    all-positions mean) or masked genes (the "masked_genes" reduction).
+    """
+    config = model.config
+    batch = validate_batch(batch, config.emb_dim, config.num_pc, config.max_position_embeddings)
+    with_labels = "labels" in batch
+    n, s = batch["attention_mask"].shape
+    masked_all = batch.get("masked_tokens", np.zeros((n, s), bool))
+    pieces, sums, weighted, weights = [], [], {"loss": 0.0, "mse": 0.0, "ce": 0.0}, 0.0
+    for part in _minibatches(n, batch_size):
+        labels = batch["labels"][part] if with_labels else None
+        out = _forward(model, jnp.asarray(batch["inputs_embeds"][part]), jnp.asarray(batch["attention_mask"][part]),
+                       jnp.asarray(masked_all[part]), labels, with_labels=with_labels, label_clip=label_clip,
+                       reduction=reduction)
+        out = jax.device_get(out)
+        if with_labels:
+            weight = (part.stop - part.start) * s if reduction == "all_positions" else float(masked_all[part].sum())
+            for key in weighted:
+                weighted[key] += float(out.pop(key)) * weight
+            weights += weight
+            sums.append(out.pop("metric_sums"))
+        pieces.append(out)
+    result = {key: np.concatenate([p[key] for p in pieces]) for key in pieces[0]}
+    if with_labels:
+        result.update({key: np.float32(value / max(weights, 1.0)) for key, value in weighted.items()})
+        totals = jax.tree.map(lambda *xs: np.sum(xs, axis=0), *sums)
+        result.update({key: np.float32(v) for key, v in objective.summarize_metrics(totals).items()})
+        result["masked_count"] = np.int64(totals["masked"])
+    return result
+
+
+def load_any_model(path: str, **config_changes) -> GLM:
+    """A model directory (`save_model`, `convert-torch`) or a training workdir (latest step)."""
+    from glm_jax import checkpoint
+    directory = pathlib.Path(path)
+    if not directory.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if (directory / checkpoint.PARAMS_DIR).exists():
+        return checkpoint.load_model(directory, **config_changes)
+    from glm_jax.train_checkpoint import load_model_from_workdir
+    return load_model_from_workdir(directory, **config_changes)
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"input not found: {path}")
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def forward_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="glm-jax forward", description="run gLM on an .npz batch")
+    parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
+    parser.add_argument("--input", required=True, help=".npz with inputs_embeds, attention_mask[, labels, masked_tokens]")
+    parser.add_argument("--output", required=True, help=".npz to write")
+    parser.add_argument("--batch-size", type=int, default=64, help="contigs per device call")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    parser.add_argument("--label-clip", type=float, default=10.0, help="clip labels to +-value (0: off)")
+    parser.add_argument("--reduction", default="all_positions", choices=objective.REDUCTIONS)
+    args = parser.parse_args(argv)
+    model = load_any_model(args.checkpoint, compute_dtype=args.dtype)
+    result = forward(model, read_npz(args.input), batch_size=args.batch_size, label_clip=args.label_clip,
+                     reduction=args.reduction)
+    output = pathlib.Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp.npz")
+    np.savez(tmp, **result)
+    tmp.replace(output)
+    summary = ", ".join(f"{k}={float(result[k]):.4f}" for k in ("loss", "pseudo_accuracy") if k in result)
+    print(f"wrote {output}: {result['last_hidden_state'].shape[0]} contigs {summary}")
+    return 0
