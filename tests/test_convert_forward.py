@@ -168,3 +168,19 @@ def test_infer_config_from_shapes_defaults_to_relative_key_query(original):
     inferred = convert.infer_config(tr.state_dict_numpy(reference))
     assert inferred == TINY
     assert isinstance(create_model(inferred), GLM)
+
+
+def test_forward_runs_on_the_original_reference_batch_file(shared_data, tmp_path):
+    """The original's batch (real E. coli genes, 1281-d inputs, 100-d labels) through the CLI."""
+    config = GLMConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+    model_dir = checkpoint.save_model(tmp_path / "model", create_model(config, seed=1))
+    assert cli.main(["forward", "--checkpoint", str(model_dir), "--input", str(shared_data / "reference/batch.npz"),
+                     "--output", str(tmp_path / "out.npz")]) == 0
+    out = np.load(tmp_path / "out.npz")
+    reference = np.load(shared_data / "reference/batch.npz")
+    assert out["last_hidden_state"].shape == (2, 30, 64)
+    assert out["predictions"].shape == (2, 30, 4, 100)
+    assert int(out["masked_count"]) == 0  # nothing masked: the original's glm_embed.py setting
+    direct = checkpoint.load_model(model_dir)(
+        np.asarray(reference["embeds"], np.float32), np.asarray(reference["attention_mask"], np.float32))
+    np.testing.assert_allclose(out["last_hidden_state"], np.asarray(direct.last_hidden_state), atol=1e-5)
