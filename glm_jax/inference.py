@@ -4,6 +4,7 @@
 
 input .npz:   inputs_embeds [batch, genes, emb_dim], attention_mask [batch, genes]
               optional labels [batch, genes, num_pc], masked_tokens [batch, genes] (or [..., 1])
+              (the original's `embeds` / `label_embeds` names are accepted)
 output .npz:  last_hidden_state [batch, genes, hidden]
               hidden_states     [batch, layers + 1, genes, hidden]
               attentions        [batch, layers, heads, genes, genes]
@@ -95,7 +96,7 @@ def _minibatches(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def forward(model: GLM, batch: dict, *, batch_size: int = 64, label_clip: float = 10.0,
+def forward(model: GLM, batch: dict, *, batch_size: int = 64, label_clip: float = 0.0,
             reduction: str = "all_positions") -> dict[str, np.ndarray]:
     """Runs the model on a whole validated batch in minibatches; returns numpy outputs.
 
@@ -164,8 +165,11 @@ def forward_main(argv) -> int:
     parser.add_argument("--input", required=True, help=".npz with inputs_embeds, attention_mask[, labels, masked_tokens]")
     parser.add_argument("--output", required=True, help=".npz to write")
     parser.add_argument("--batch-size", type=int, default=64, help="contigs per device call")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
-    parser.add_argument("--label-clip", type=float, default=10.0, help="clip labels to +-value (0: off)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="compute dtype (float16 is what the original's fp16 autocast ran)")
+    parser.add_argument("--label-clip", type=float, default=0.0,
+                        help="clip labels to +-value before the loss; 0 (default) passes them as given, like "
+                             "the original model's forward; its train.py clips at 10")
     parser.add_argument("--reduction", default="all_positions", choices=objective.REDUCTIONS)
     args = parser.parse_args(argv)
     model = load_any_model(args.checkpoint, compute_dtype=args.dtype)

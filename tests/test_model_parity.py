@@ -108,18 +108,19 @@ def _flatten(tree, prefix=""):
             yield f"{prefix}{key}", value
 
 
-def test_bfloat16_compute_stays_close_to_float32():
-    """bf16 matmuls (fp32 softmax/LayerNorm/loss): stated tolerance 5e-2 abs on the last hidden
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_compute_stays_close_to_float32(dtype):
+    """bf16/fp16 matmuls (fp32 softmax/LayerNorm/loss): stated tolerance 5e-2 abs on the last hidden
     state (unit-variance after LayerNorm) and 2e-2 on probabilities, for the same weights."""
     config = GLMConfig(emb_dim=65, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256,
                        max_position_embeddings=64, num_pc=20)
     _, model32 = converted_pair(config)
-    model16 = checkpoint.model_from_params(config.replace(compute_dtype="bfloat16"),
+    model16 = checkpoint.model_from_params(config.replace(compute_dtype=dtype),
                                            checkpoint.params_as_dict(model32))
     inputs, attention_mask, _, _ = padded_batch(config)
     out32 = model32(jnp.asarray(inputs), jnp.asarray(attention_mask))
     out16 = model16(jnp.asarray(inputs), jnp.asarray(attention_mask))
-    assert out16.last_hidden_state.dtype == jnp.bfloat16
+    assert out16.last_hidden_state.dtype == jnp.dtype(dtype)
     assert out16.predictions.dtype == jnp.float32 and out16.logits.dtype == jnp.float32
     hidden_error = float(jnp.abs(out16.last_hidden_state.astype(jnp.float32) - out32.last_hidden_state).max())
     prob_error = float(jnp.abs(jax_softmax(out16.logits) - jax_softmax(out32.logits)).max())
