@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.b2 = 0.999
     config.optimizer.eps = 1e-6
     config.optimizer.weight_decay = 0.0
+    # False: transformers.AdamW, the original's (eps added to sqrt(v) before bias correction);
+    # True: optax / torch.optim.AdamW (eps after bias correction).
+    config.optimizer.eps_after_bias_correction = False
     # The original calls clip_grad_value_ after optimizer.step(): it never changes an update.
     config.optimizer.grad_clip_norm = 0.0   # > 0: clip by global norm before the update
     config.optimizer.grad_clip_value = 0.0  # > 0: clip each gradient element before the update

@@ -183,3 +183,67 @@ def forward_main(argv) -> int:
     summary = ", ".join(f"{k}={float(result[k]):.4f}" for k in ("loss", "pseudo_accuracy") if k in result)
     print(f"wrote {output}: {result['last_hidden_state'].shape[0]} contigs {summary}")
     return 0
+
+
+@nnx.jit(static_argnames=("all_layers",))
+def _embed_batch(model: GLM, inputs_embeds, attention_mask, *, all_layers: bool):
+    out = model(inputs_embeds, attention_mask, output_hidden_states=all_layers)
+    result = {"embeddings": out.last_hidden_state.astype(jnp.float32), "predictions": out.predictions,
+              "probabilities": jax.nn.softmax(out.logits, axis=-1)}
+    if all_layers:
+        result["hidden_states"] = out.hidden_states.astype(jnp.float32).swapaxes(1, 2)
+    return result
+
+
+def embed_windows(model: GLM, batches, *, all_layers: bool = False) -> dict[str, np.ndarray]:
+    """Per-gene outputs of unmasked windows, padding removed, in reader order.
+
+    batches: dicts with inputs_embeds [b, s, f], attention_mask [b, s], gene_ids [b, s], contig_id [b]
+    -> embeddings [genes, hidden] (the gLM embedding: last hidden state), predictions
+    [genes, num_pred, num_pc], probabilities [genes, num_pred], gene_ids, contig_ids, positions
+    (gene index within its window), and with all_layers hidden_states [genes, layers + 1, hidden].
+    """
+    pieces = []
+    for batch in batches:
+        checked = validate_batch(batch, model.config.emb_dim, model.config.num_pc,
+                                 model.config.max_position_embeddings)
+        out = jax.device_get(_embed_batch(model, jnp.asarray(checked["inputs_embeds"]),
+                                          jnp.asarray(checked["attention_mask"]), all_layers=all_layers))
+        real = checked["attention_mask"] > 0
+        rows, positions = np.nonzero(real)
+        piece = {key: value[real] for key, value in out.items()}
+        piece["gene_ids"] = np.asarray(batch["gene_ids"])[real].astype(str)
+        piece["contig_ids"] = np.asarray(batch["contig_id"])[rows].astype(str)
+        piece["positions"] = positions.astype(np.int32)
+        pieces.append(piece)
+    if not pieces:
+        raise ValueError("no windows to embed")
+    return {key: np.concatenate([p[key] for p in pieces]) for key in pieces[0]}
+
+
+def embed_main(argv) -> int:
+    from tqdm import tqdm
+
+    from glm_jax.shards import ShardReader
+    parser = argparse.ArgumentParser(prog="glm-jax embed",
+                                     description="gene embeddings and predictions of a trained gLM on shards")
+    parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
+    parser.add_argument("--shards", required=True, help="dataset directory written by make-shards (or shard files)")
+    parser.add_argument("--split", default="eval", help="train or eval")
+    parser.add_argument("--output", required=True, help=".npz to write")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--all-layers", action="store_true", help="also write every layer's hidden state")
+    args = parser.parse_args(argv)
+    model = load_any_model(args.checkpoint, compute_dtype=args.dtype)
+    reader = ShardReader(args.shards, batch_size=args.batch_size, split=args.split, shuffle=False, num_epochs=1,
+                         drop_remainder=False, include_metadata=True)
+    result = embed_windows(model, tqdm(reader, desc="embed", unit="batch"), all_layers=args.all_layers)
+    output = pathlib.Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp.npz")
+    np.savez(tmp, **result)
+    tmp.replace(output)
+    print(f"wrote {output}: {len(result['gene_ids'])} genes from "
+          f"{len(set(result['contig_ids']))} windows, embeddings {result['embeddings'].shape}")
+    return 0

@@ -81,7 +81,7 @@ def create_optimizer(opt_config: Any, num_steps: int) -> tuple[optax.GradientTra
         parts.append(optax.clip(opt_config.grad_clip_value))
     if opt_config.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
-    if opt_config.get("eps_after_bias_correction", False):
+    if opt_config.eps_after_bias_correction:
         parts.append(optax.scale_by_adam(opt_config.b1, opt_config.b2, opt_config.eps))
     else:
         parts.append(scale_by_adam_eps_outside(opt_config.b1, opt_config.b2, opt_config.eps))
