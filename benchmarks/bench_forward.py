@@ -10,13 +10,8 @@ original's glm_embed.py). Writes benchmarks/results/forward_<platform>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import pathlib
-import platform
-import time
 
-os.environ.setdefault("USE_TF", "0")
+from common import CONFIGS, environment, seconds_per_call, windows, write_results
 
 import jax
 import jax.numpy as jnp
@@ -28,37 +23,12 @@ from glm_jax import checkpoint, convert
 from glm_jax import torch_reference as tr
 from glm_jax.model import GLMConfig
 
-CONFIGS = {
-    "tiny": GLMConfig(emb_dim=65, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
-                      max_position_embeddings=64, num_pc=20),
-    "base": GLMConfig(),
-}
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-
-
-def batch(config: GLMConfig, size: int, seed: int = 0):
-    """Contigs of 15-30 genes padded to 30. -> inputs [b, 30, emb_dim], mask [b, 30]"""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(15, 31, size)
-    mask = (np.arange(30)[None] < lengths[:, None]).astype(np.float32)
-    inputs = rng.normal(size=(size, 30, config.emb_dim)).astype(np.float32) * mask[..., None]
-    return inputs, mask
-
-
-def seconds_per_call(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
 
 def bench_config(name: str, config: GLMConfig, batch_size: int, repeats: int, accelerator: bool) -> dict:
     reference = tr.build_reference(config)
     params, _ = convert.torch_to_params(tr.state_dict_numpy(reference), config)
-    inputs, mask = batch(config, batch_size)
+    data = windows(config, batch_size)
+    inputs, mask = data["inputs_embeds"], data["attention_mask"].astype(np.float32)
     device = "cuda" if accelerator and torch.cuda.is_available() else "cpu"
     reference = reference.to(device)
     x_t, m_t = torch.from_numpy(inputs).to(device), torch.from_numpy(mask).to(device)
@@ -111,19 +81,11 @@ def main():
     args = parser.parse_args()
     accelerator = jax.default_backend() != "cpu"
     results = {
-        "platform": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "versions": {"jax": jax.__version__, "torch": torch.__version__},
+        **environment(),
         "runs": [bench_config(name, CONFIGS[name], args.batch, args.repeats, accelerator)
                  for name in args.configs.split(",")],
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"forward_{results['platform']}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
-    print(f"wrote {path}")
+    write_results("forward", results)
 
 
 if __name__ == "__main__":

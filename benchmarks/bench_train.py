@@ -14,53 +14,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
-import pathlib
-import platform
-import sys
-import time
 
-os.environ.setdefault("USE_TF", "0")
+from common import CONFIGS, GENES, REPO, environment, seconds_per_call, windows, write_results
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 from flax import nnx
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from glm_jax import checkpoint, convert, flops, optim, sharding, train  # noqa: E402
 from glm_jax import torch_reference as tr  # noqa: E402
 from glm_jax.config import load_config  # noqa: E402
-from glm_jax.model import GLMConfig, config_from_dict_like  # noqa: E402
-
-CONFIGS = {"tiny": GLMConfig(emb_dim=65, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
-                             max_position_embeddings=64, num_pc=20),
-           "base": GLMConfig()}
-GENES = 30
-RESULTS = REPO / "benchmarks" / "results"
-
-
-def windows(config: GLMConfig, size: int, seed: int = 0) -> dict:
-    """Contigs of 15-30 genes padded to 30: inputs [b, 30, emb_dim], labels [b, 30, num_pc], mask [b, 30]."""
-    rng = np.random.default_rng(seed)
-    mask = (np.arange(GENES)[None] < rng.integers(15, GENES + 1, size)[:, None]).astype(np.int32)
-    return {"inputs_embeds": (rng.normal(size=(size, GENES, config.emb_dim)) * mask[..., None]).astype(np.float32),
-            "labels": (rng.normal(size=(size, GENES, config.num_pc)) * mask[..., None]).astype(np.float32),
-            "attention_mask": mask}
-
-
-def seconds_per_call(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from glm_jax.model import GLMConfig  # noqa: E402
 
 
 def measured_matmul_peak(dtype=jnp.float32, n: int = 2048) -> float:
@@ -162,19 +127,13 @@ def main():
     accelerator = jax.default_backend() != "cpu"
     cpu_peak = measured_matmul_peak()
     results = {
-        "platform": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-        "device_count": jax.device_count(), "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "versions": {"jax": jax.__version__, "torch": torch.__version__},
+        **environment(),
         "mfu_peak_flops_per_device": flops.peak_flops_per_device() or cpu_peak,
         "mfu_peak_source": "data sheet, bf16 dense" if flops.peak_flops_per_device() else "measured fp32 2048^3 matmul",
         "runs": [bench_config(name, CONFIGS[name], args.batch, args.repeats, accelerator, cpu_peak)
                  for name in args.configs.split(",")],
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"train_{results['platform']}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
-    print(f"wrote {path}")
+    write_results("train", results)
 
 
 if __name__ == "__main__":

