@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import pathlib
 import time
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import flax
 import jax
