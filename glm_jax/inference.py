@@ -29,6 +29,7 @@ from flax import nnx
 
 from glm_jax import objective
 from glm_jax.model import GLM, contacts_from_attentions
+from glm_jax.shards import rename_original_arrays
 
 OUTPUT_KEYS = ("last_hidden_state", "hidden_states", "attentions", "predictions", "probabilities", "contacts")
 
@@ -143,20 +144,12 @@ def load_any_model(path: str, **config_changes) -> GLM:
     return load_model_from_workdir(directory, **config_changes)
 
 
-# The original's batch files name the arrays differently; accept them as they are.
-ORIGINAL_NAMES = {"embeds": "inputs_embeds", "label_embeds": "labels"}
-
-
 def read_npz(path: str) -> dict[str, np.ndarray]:
     """Reads a forward batch; the original's `embeds`/`label_embeds` names are accepted too."""
     if not pathlib.Path(path).is_file():
         raise FileNotFoundError(f"input not found: {path}")
     with np.load(path, allow_pickle=False) as data:
-        batch = {key: data[key] for key in data.files}
-    for original, ours in ORIGINAL_NAMES.items():
-        if original in batch and ours not in batch:
-            batch[ours] = batch.pop(original)
-    return batch
+        return rename_original_arrays({key: data[key] for key in data.files})
 
 
 def forward_main(argv) -> int:

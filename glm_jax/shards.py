@@ -377,8 +377,18 @@ def read_shards(files, split: str = "train") -> dict[str, np.ndarray]:
 
 # --- in-memory reader -------------------------------------------------------------------------
 
-# the original's / forward-contract names accepted for the model arrays
-_ALIASES = {"embeds": "inputs_embeds", "label_embeds": "labels"}
+# the original's batch files name the model arrays differently; both names are accepted
+ORIGINAL_ARRAY_NAMES = {"embeds": "inputs_embeds", "label_embeds": "labels"}
+
+
+def rename_original_arrays(arrays: dict) -> dict:
+    """Maps the original's `embeds` / `label_embeds` to `inputs_embeds` / `labels` (arrays already
+    under our names win)."""
+    renamed = dict(arrays)
+    for original, ours in ORIGINAL_ARRAY_NAMES.items():
+        if original in renamed and ours not in renamed:
+            renamed[ours] = renamed.pop(original)
+    return renamed
 _OUT_DTYPES = {"inputs_embeds": np.float32, "labels": np.float32, "attention_mask": np.int32, "prot_ids": np.int32}
 
 
@@ -391,7 +401,7 @@ class InMemoryWindows(_BatchStream):
                  num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
                  drop_remainder: bool = True):
         super().__init__(batch_size, seed, shuffle, num_epochs, process_index, process_count, drop_remainder)
-        arrays = {_ALIASES.get(k, k): np.asarray(v) for k, v in arrays.items()}
+        arrays = {k: np.asarray(v) for k, v in rename_original_arrays(arrays).items()}
         missing = {"inputs_embeds", "labels", "attention_mask"} - set(arrays)
         if missing:
             raise ValueError(f"window arrays lack {sorted(missing)} (have {sorted(arrays)})")
