@@ -34,5 +34,5 @@ setup(
         "genecall": ["pyrodigal>=3.0"],
         "test": ["pytest>=8", "torch>=2.2", "scikit-learn>=1.3", "pyrodigal>=3.0"],
     },
-    entry_points={"console_scripts": ["glm-jax=glm_jax.cli:main"]},
+    entry_points={"console_scripts": ["glm-jax=glm_jax.cli.main:main"]},
 )

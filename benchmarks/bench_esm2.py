@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import transformers
 
-from glm_jax import esm2, protein_embed
+from glm_jax.proteins import esm2
+from glm_jax.proteins import embed as protein_embed
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 GENOMES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "genomes"

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_forward.py [--configs tiny,base] [--batch 16] [--repeats 5]
 
-The PyTorch side is `glm_jax.torch_reference` (HF RobertaModel with relative_key_query, the
+The PyTorch side is `glm_jax.interop.torch_reference` (HF RobertaModel with relative_key_query, the
 original's architecture) in eager mode and, where it compiles, `torch.compile`. JAX runs the
 jitted forward in fp32 (and bf16 on an accelerator; PyTorch then uses fp16 autocast like the
 original's glm_embed.py). Writes benchmarks/results/forward_<platform>.json.
@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from flax import nnx
 
-from glm_jax import checkpoint, convert
-from glm_jax import torch_reference as tr
-from glm_jax.model import GLMConfig
+from glm_jax.model import checkpoint
+from glm_jax.interop import convert
+from glm_jax.interop import torch_reference as tr
+from glm_jax.model.glm import GLMConfig
 
 
 def bench_config(name: str, config: GLMConfig, batch_size: int, repeats: int, accelerator: bool) -> dict:

@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 
-from glm_jax import shards
+from glm_jax.data import shards
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MAX_GENES, NUM_PC = 30, 100

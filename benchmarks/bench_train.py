@@ -3,8 +3,8 @@
     python benchmarks/bench_train.py [--configs tiny,base] [--batch 8] [--repeats 5]
 
 One step = mask genes, forward, the original loss, backward, AdamW update. JAX runs
-`glm_jax.train.train_step` (the function the trainer jits) on all local devices in a data mesh;
-PyTorch runs `glm_jax.torch_reference` + `original_loss` + `torch.optim.AdamW` in eager mode
+`glm_jax.train.trainer.train_step` (the function the trainer jits) on all local devices in a data mesh;
+PyTorch runs `glm_jax.interop.torch_reference` + `original_loss` + `torch.optim.AdamW` in eager mode
 and, where it compiles, under `torch.compile`. On CPU, MFU is against a measured float32 matmul
 peak (no data-sheet peak exists); on GPU/TPU against the bf16 data-sheet peak, with JAX also
 in bfloat16 (PyTorch then uses fp16 autocast, as the original trained). GPU-ready: needs no
@@ -22,10 +22,15 @@ import jax.numpy as jnp
 import torch
 from flax import nnx
 
-from glm_jax import checkpoint, convert, flops, optim, sharding, train  # noqa: E402
-from glm_jax import torch_reference as tr  # noqa: E402
+from glm_jax import sharding  # noqa: E402
+from glm_jax.model import checkpoint  # noqa: E402
+from glm_jax.interop import convert  # noqa: E402
+from glm_jax.train import flops  # noqa: E402
+from glm_jax.train import optim  # noqa: E402
+from glm_jax.train import trainer as train  # noqa: E402
+from glm_jax.interop import torch_reference as tr  # noqa: E402
 from glm_jax.config import load_config  # noqa: E402
-from glm_jax.model import GLMConfig  # noqa: E402
+from glm_jax.model.glm import GLMConfig  # noqa: E402
 
 
 def measured_matmul_peak(dtype=jnp.float32, n: int = 2048) -> float:

@@ -16,7 +16,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from glm_jax.model import GLMConfig  # noqa: E402
+from glm_jax.model.glm import GLMConfig  # noqa: E402
 
 CONFIGS = {"tiny": GLMConfig(emb_dim=65, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
                              max_position_embeddings=64, num_pc=20),

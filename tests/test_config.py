@@ -4,7 +4,7 @@ import pathlib
 import pytest
 
 from glm_jax.config import load_config, split_config_args
-from glm_jax.model import GLMConfig, config_from_dict_like
+from glm_jax.model.glm import GLMConfig, config_from_dict_like
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from glm_jax import checkpoint, cli, convert
-from glm_jax import torch_reference as tr
-from glm_jax.model import GLM, GLMConfig, count_parameters, create_model
+from glm_jax.model import checkpoint
+from glm_jax.cli import main as cli
+from glm_jax.interop import convert
+from glm_jax.interop import torch_reference as tr
+from glm_jax.model.glm import GLM, GLMConfig, count_parameters, create_model
 from flax import nnx
 
 from test_model_parity import TINY, TOL, padded_batch
@@ -130,7 +132,7 @@ def test_code_carrying_pickles_are_refused(tmp_path):
 
 def test_forward_rejects_bad_inputs(converted, tmp_path):
     model = checkpoint.load_model(converted)
-    from glm_jax.inference import forward
+    from glm_jax.inference.predict import forward
     good = {"inputs_embeds": np.zeros((2, 30, 33), np.float32), "attention_mask": np.ones((2, 30))}
     with pytest.raises(ValueError, match=r"inputs_embeds must be \[batch, genes, 33\]"):
         forward(model, dict(good, inputs_embeds=np.zeros((2, 30, 34))))

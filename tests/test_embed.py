@@ -1,8 +1,9 @@
 """`glm-jax embed`: per-gene outputs of a trained model on shards, padding removed."""
 import numpy as np
 
-from glm_jax import checkpoint, cli
-from glm_jax.model import GLMConfig, create_model
+from glm_jax.model import checkpoint
+from glm_jax.cli import main as cli
+from glm_jax.model.glm import GLMConfig, create_model
 
 from test_shards import E, K, S, synthetic_windows, write_dataset
 

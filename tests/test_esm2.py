@@ -7,7 +7,8 @@ import pytest
 import torch
 import transformers
 
-from glm_jax import esm2, protein_embed
+from glm_jax.proteins import esm2
+from glm_jax.proteins import embed as protein_embed
 
 
 def _hf_config(num_layers=2, hidden=32, heads=4, **overrides):

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from glm_jax import features
-from glm_jax.genomes import read_contig_table
+from glm_jax.data import features
+from glm_jax.data.genomes import read_contig_table
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import warnings
 import pytest
 from Bio import SeqIO
 
-from glm_jax import genomes
-from glm_jax.genomes import GenomeFormatError, read_genome
+from glm_jax.data import genomes
+from glm_jax.data.genomes import GenomeFormatError, read_genome
 
 ECOLI = "ecoli/GCF_000005845.2_ASM584v2_genomic.gbff.gz"
 

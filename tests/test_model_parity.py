@@ -5,9 +5,11 @@ import torch
 
 import jax.numpy as jnp
 
-from glm_jax import checkpoint, convert, objective
-from glm_jax import torch_reference as tr
-from glm_jax.model import GLMConfig, contacts_from_attentions
+from glm_jax.model import checkpoint
+from glm_jax.interop import convert
+from glm_jax.model import objective
+from glm_jax.interop import torch_reference as tr
+from glm_jax.model.glm import GLMConfig, contacts_from_attentions
 
 TOL = 1e-4
 TINY = GLMConfig(emb_dim=33, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64,

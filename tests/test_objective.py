@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from glm_jax import objective
-from glm_jax import torch_reference as tr
+from glm_jax.model import objective
+from glm_jax.interop import torch_reference as tr
 
 
 def random_case(seed=0, b=6, s=30, p=4, c=10):

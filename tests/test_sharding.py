@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from glm_jax import optim, sharding, train
-from glm_jax.model import config_from_dict_like, create_model
+from glm_jax import sharding
+from glm_jax.train import optim
+from glm_jax.train import trainer as train
+from glm_jax.model.glm import config_from_dict_like, create_model
 from train_utils import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "configs"))

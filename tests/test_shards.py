@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from glm_jax import shards
+from glm_jax.data import shards
 
 S, E, K = 6, 5, 3
 
@@ -174,9 +174,9 @@ def test_modules_import_without_tensorflow():
     """The GPU machine has no TensorFlow: everything but the TFRecord functions must work without it."""
     code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None\n"
             "import numpy as np\n"
-            "from glm_jax import genomes, windows, features, shards, pipeline\n"
+            "from glm_jax.data import genomes, windows, features, shards, make_shards\n"
             "r = shards.InMemoryWindows({'embeds': np.zeros((3, 2, 4)), 'label_embeds': np.zeros((3, 2, 2)),"
             " 'attention_mask': np.ones((3, 2))}, batch_size=2)\n"
             "assert next(r)['inputs_embeds'].shape == (2, 2, 4)\n")
-    env = {**os.environ, "PYTHONPATH": str(shards.pathlib.Path(shards.__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(shards.pathlib.Path(shards.__file__).parents[2])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

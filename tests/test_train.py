@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from glm_jax import metrics_log, train
-from glm_jax.model import config_from_dict_like, create_model
-from glm_jax.train_checkpoint import load_model_from_workdir
+from glm_jax.train import metrics_log
+from glm_jax.train import trainer as train
+from glm_jax.model.glm import config_from_dict_like, create_model
+from glm_jax.train.checkpoint import load_model_from_workdir
 from train_utils import params_numpy, random_windows, readers, run, tiny_config
 
 # Different meshes reduce in different orders (float32 all-reduces), nothing else differs:

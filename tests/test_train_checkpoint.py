@@ -10,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from glm_jax import metrics_log, train
-from glm_jax.train_checkpoint import CheckpointMismatchError, TrainCheckpointer, load_model_from_workdir
-from glm_jax.checkpoint import params_as_dict
-from glm_jax.model import config_from_dict_like
+from glm_jax.train import metrics_log
+from glm_jax.train import trainer as train
+from glm_jax.train.checkpoint import CheckpointMismatchError, TrainCheckpointer, load_model_from_workdir
+from glm_jax.model.checkpoint import params_as_dict
+from glm_jax.model.glm import config_from_dict_like
 from train_utils import REPO_ROOT, params_numpy, run, tiny_config
 
 TESTS = pathlib.Path(__file__).resolve().parent

@@ -1,8 +1,8 @@
 """Contig windows: the original's segmentation rule, the stride/min-genes options and the report."""
 import pytest
 
-from glm_jax.genomes import Contig, Gene, read_genome
-from glm_jax.windows import WindowConfig, contig_windows, segment_bounds
+from glm_jax.data.genomes import Contig, Gene, read_genome
+from glm_jax.data.windows import WindowConfig, contig_windows, segment_bounds
 
 
 def original_rule(n, size=30):

@@ -9,11 +9,11 @@ import time
 
 from train_utils import readers, tiny_config
 
-from glm_jax import train
+from glm_jax.train import trainer as train
 
 
 class SlowReader:
-    """A reader that takes `delay` seconds per batch (same contract as glm_jax.shards readers)."""
+    """A reader that takes `delay` seconds per batch (same contract as glm_jax.data.shards readers)."""
 
     def __init__(self, reader, delay: float):
         self.reader, self.delay = reader, delay

@@ -13,7 +13,8 @@ sys.path.insert(0, str(REPO_ROOT / "configs"))
 
 import tiny  # noqa: E402  (configs/tiny.py)
 
-from glm_jax import shards, train  # noqa: E402
+from glm_jax.data import shards  # noqa: E402
+from glm_jax.train import trainer as train  # noqa: E402
 
 GENES = 30
 NUM_WINDOWS = 96

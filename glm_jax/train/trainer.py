@@ -27,9 +27,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from glm_jax import flops, metrics_log, objective, optim, sharding, train_checkpoint
+from glm_jax import sharding
+from glm_jax.train import flops
+from glm_jax.train import metrics_log
+from glm_jax.model import objective
+from glm_jax.train import optim
+from glm_jax.train import checkpoint as train_checkpoint
 from glm_jax.config import load_config, split_config_args
-from glm_jax.model import GLMConfig, config_from_dict_like, create_model
+from glm_jax.model.glm import GLMConfig, config_from_dict_like, create_model
 
 BATCH_KEYS = ("inputs_embeds", "labels", "attention_mask")
 # `objective.masked_gene_metrics` sums that `objective.summarize_metrics` turns into ratios.
@@ -193,7 +198,7 @@ def open_reader(pattern: str, split: str, batch_size_per_host: int, seed: int, s
                 shuffle_buffer: Optional[int] = None):
     """This host's reader of `pattern`: an .npz of windows (InMemoryWindows, no TensorFlow
     needed) or TFRecord shards (a glob, or a make-shards directory read with `split`)."""
-    from glm_jax import shards
+    from glm_jax.data import shards
     if not pattern:
         raise ValueError(f"config.data.{split}_pattern is empty: point it at make-shards output or an .npz of windows")
     common = dict(seed=seed, shuffle=shuffle, process_index=jax.process_index(), process_count=jax.process_count())
@@ -292,7 +297,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optio
                        devices: Optional[list[jax.Device]] = None) -> TrainResult:
     """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one.
 
-    train_data / eval_data: readers with the `glm_jax.shards` contract (iteration, `state()`,
+    train_data / eval_data: readers with the `glm_jax.data.shards` contract (iteration, `state()`,
     `restore()`); by default opened from `config.data.{train,eval}_pattern`.
     devices: the mesh's devices (default: all of every host).
     """

@@ -23,8 +23,8 @@ from typing import Mapping
 
 import numpy as np
 
-from glm_jax import checkpoint
-from glm_jax.model import GLMConfig
+from glm_jax.model import checkpoint
+from glm_jax.model.glm import GLMConfig
 
 PREFIX = "roberta.roberta."
 LAYER_KEY = re.compile(r"^roberta\.roberta\.encoder\.layer\.(\d+)\.(.+)$")
@@ -240,7 +240,7 @@ def config_for_conversion(state_dict, hf_config_path=None, config_path=None, ove
         return GLMConfig.from_hf_dict(json.loads(pathlib.Path(hf_config_path).read_text()))
     if config_path:
         from glm_jax.config import load_config
-        from glm_jax.model import config_from_dict_like
+        from glm_jax.model.glm import config_from_dict_like
         return config_from_dict_like(load_config(config_path, overrides).model)
     return infer_config(strip_wrappers(state_dict))
 

@@ -2,9 +2,9 @@
 shards) and `glm-jax fit-normalization` (mean/std + whitened PCA of a corpus).
 
 make-shards, step by step:
-  1. read the genomes (glm_jax.genomes), report skipped CDS (pseudo, no translation, ...)
-  2. cut contigs into windows (glm_jax.windows), report segments too short to keep
-  3. embed each distinct protein once (glm_jax.protein_embed store: resumable, deduplicated)
+  1. read the genomes (glm_jax.data.genomes), report skipped CDS (pseudo, no translation, ...)
+  2. cut contigs into windows (glm_jax.data.windows), report segments too short to keep
+  3. embed each distinct protein once (glm_jax.proteins.embed store: resumable, deduplicated)
   4. normalisation/PCA: the given npz (e.g. the reference norm.npz + pca.npz with a 650M ESM2)
      or fitted on this corpus's distinct proteins, saved as DIR/normalization.npz
   5. split train/eval by a hash of (genome, contig) [or of the window]: a contig keeps its split
@@ -22,8 +22,10 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from glm_jax import features, genomes, shards
-from glm_jax.windows import Window, WindowConfig, contig_windows
+from glm_jax.data import features
+from glm_jax.data import genomes
+from glm_jax.data import shards
+from glm_jax.data.windows import Window, WindowConfig, contig_windows
 
 SPLITS = ("train", "eval")
 
@@ -176,7 +178,7 @@ def _load_transform(args) -> tuple[features.FeatureTransform | None, str]:
 
 
 def _esm2_embedder(args, out_dir: pathlib.Path) -> tuple[Callable, dict]:
-    from glm_jax import protein_embed
+    from glm_jax.proteins import embed as protein_embed
     model_dir = pathlib.Path(args.esm2) if args.esm2 else protein_embed.fetch_esm2()
     store_dir = pathlib.Path(args.store) if args.store else out_dir / "embeddings"
 
@@ -252,7 +254,7 @@ def fit_normalization_main(argv: Sequence[str]) -> int:
         else:
             if not args.genomes:
                 raise ValueError("--store needs --genomes (the proteins to fit on)")
-            from glm_jax import protein_embed
+            from glm_jax.proteins import embed as protein_embed
             corpus = genomes.read_genomes(args.genomes, args.contig_table)
             transform = fit_on_store(protein_embed.EmbeddingStore(args.store), genomes.unique_proteins(corpus.contigs),
                                      args.num_components)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import RobertaConfig, RobertaModel
 
-from glm_jax.model import GLMConfig
+from glm_jax.model.glm import GLMConfig
 
 
 def roberta_config(config: GLMConfig) -> RobertaConfig:

@@ -26,8 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from glm_jax import checkpoint
-from glm_jax.model import GLM, GLMConfig, create_model
+from glm_jax.model import checkpoint
+from glm_jax.model.glm import GLM, GLMConfig, create_model
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_CONFIG_FILE = "config.json"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from glm_jax.genomes import Contig, Gene
+from glm_jax.data.genomes import Contig, Gene
 
 
 @dataclasses.dataclass(frozen=True)

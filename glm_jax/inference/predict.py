@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glm_jax import objective
-from glm_jax.model import GLM, contacts_from_attentions
-from glm_jax.shards import rename_original_arrays
+from glm_jax.model import objective
+from glm_jax.model.glm import GLM, contacts_from_attentions
+from glm_jax.data.shards import rename_original_arrays
 
 OUTPUT_KEYS = ("last_hidden_state", "hidden_states", "attentions", "predictions", "probabilities", "contacts")
 
@@ -134,13 +134,13 @@ def forward(model: GLM, batch: dict, *, batch_size: int = 64, label_clip: float 
 
 def load_any_model(path: str, **config_changes) -> GLM:
     """A model directory (`save_model`, `convert-torch`) or a training workdir (latest step)."""
-    from glm_jax import checkpoint
+    from glm_jax.model import checkpoint
     directory = pathlib.Path(path)
     if not directory.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if (directory / checkpoint.PARAMS_DIR).exists():
         return checkpoint.load_model(directory, **config_changes)
-    from glm_jax.train_checkpoint import load_model_from_workdir
+    from glm_jax.train.checkpoint import load_model_from_workdir
     return load_model_from_workdir(directory, **config_changes)
 
 
@@ -217,7 +217,7 @@ def embed_windows(model: GLM, batches, *, all_layers: bool = False) -> dict[str,
 def embed_main(argv) -> int:
     from tqdm import tqdm
 
-    from glm_jax.shards import ShardReader
+    from glm_jax.data.shards import ShardReader
     parser = argparse.ArgumentParser(prog="glm-jax embed",
                                      description="gene embeddings and predictions of a trained gLM on shards")
     parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from glm_jax.model import GLM, GLMConfig, create_model
+from glm_jax.model.glm import GLM, GLMConfig, create_model
 
 CONFIG_FILE = "glm_config.json"
 PARAMS_DIR = "params"

@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from glm_jax import esm2
+from glm_jax.proteins import esm2
 
 log = logging.getLogger(__name__)
 

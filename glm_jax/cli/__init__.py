@@ -1,0 +1,1 @@
+"""The `glm-jax` command line."""

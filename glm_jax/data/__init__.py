@@ -1,0 +1,1 @@
+"""Genomes -> contig windows -> features -> TFRecord shards, and the readers."""

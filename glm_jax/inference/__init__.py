@@ -1,0 +1,1 @@
+"""Running trained models: forward on batches, embeddings."""

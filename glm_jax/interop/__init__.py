@@ -1,0 +1,1 @@
+"""PyTorch interoperability: checkpoint conversion and the reference model."""

@@ -1,0 +1,1 @@
+"""The gLM model: configuration, encoder, objective and model directories."""
