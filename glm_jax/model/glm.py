@@ -415,5 +415,20 @@ def create_model(config: GLMConfig, seed: int = 0) -> GLM:
     return GLM(config, nnx.Rngs(params=seed))
 
 
+def abstract_model(config: GLMConfig) -> GLM:
+    """A model of `config` whose parameters are ShapeDtypeStructs: shapes, dtypes and logical axes
+    without initialising (or allocating) anything."""
+    return nnx.eval_shape(lambda: create_model(config))
+
+
+def abstract_params(config: GLMConfig, shardings=None) -> dict:
+    """Nested {name: ShapeDtypeStruct} of the parameters (the checkpoint layout), each with its
+    sharding from the matching tree `shardings` when given (restore targets)."""
+    shapes = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
+    if shardings is None:
+        return shapes
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def count_parameters(model: GLM) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

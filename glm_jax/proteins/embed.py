@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import hashlib
 import json
 import logging
@@ -36,6 +35,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from glm_jax import files
+from glm_jax.data import fasta
 from glm_jax.proteins import esm2
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,6 @@ def fetch_esm2(dest: pathlib.Path | None = None) -> pathlib.Path:
 # Sequences
 
 
-class FastaError(ValueError):
-    """A malformed FASTA file; the message names the file and line."""
-
-
 def normalise_sequence(sequence: str) -> str:
     """Upper case, whitespace removed, trailing stop codons ('*') stripped."""
     return "".join(sequence.split()).upper().rstrip("*")
@@ -101,41 +98,6 @@ def normalise_sequence(sequence: str) -> str:
 def sequence_key(sequence: str) -> str:
     """Store key of a sequence: sha256 hex of its normalised form."""
     return hashlib.sha256(normalise_sequence(sequence).encode()).hexdigest()
-
-
-def read_protein_fasta(path: str | pathlib.Path) -> list[tuple[str, str]]:
-    """(id, sequence) records of a protein FASTA file, plain or .gz. The id is the header up to
-    the first whitespace. Raises FastaError naming the file and line of a malformed record."""
-    path = pathlib.Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    records: list[tuple[str, str]] = []
-    header_line, name, parts = 0, None, []
-
-    def finish():
-        if name is not None:
-            if not normalise_sequence("".join(parts)):
-                raise FastaError(f"{path}:{header_line}: record {name!r} has an empty sequence")
-            records.append((name, "".join(parts)))
-
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                line = line.strip()
-                if line.startswith(">"):
-                    finish()
-                    header_line, name, parts = number, (line[1:].split() or [""])[0], []
-                    if not name:
-                        raise FastaError(f"{path}:{number}: header without a name")
-                elif line:
-                    if name is None:
-                        raise FastaError(f"{path}:{number}: sequence data before the first '>' header")
-                    parts.append(line)
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise FastaError(f"{path}: cannot read as FASTA: {err}") from None
-    finish()
-    if not records:
-        raise FastaError(f"{path}: no FASTA records")
-    return records
 
 
 def bucket_length(tokens: int, cap: int) -> int:
@@ -178,21 +140,6 @@ class StoreModelError(ValueError):
     """Embeddings of one model were about to be mixed with those of another in one store."""
 
 
-def _write_atomic(path: pathlib.Path, write) -> None:
-    """write(file) into a temporary file beside `path`, fsync, rename over `path`, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
 class EmbeddingStore:
     """Append-only float16 embeddings on disk, keyed by `sequence_key`, bound to one model.
 
@@ -215,9 +162,9 @@ class EmbeddingStore:
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             self.model = dict(model)
-            _write_atomic(manifest, lambda f: f.write(json.dumps({"format": 1, "model": self.model}, indent=1).encode()))
+            files.write_text_atomic(manifest, json.dumps({"format": 1, "model": self.model}, indent=1))
         if model is not None:  # the (single) writer: temporary files of a killed run are garbage
-            for stale in self.path.glob(".chunk-*.tmp"):
+            for stale in self.path.glob(".chunk-*.tmp*"):
                 stale.unlink()
         self.last_run: EmbedStats | None = None  # set by embed_proteins
         self._index: dict[str, tuple[pathlib.Path, int]] = {}
@@ -293,7 +240,7 @@ class EmbeddingStore:
         chunks = self._chunks()
         number = int(chunks[-1].stem.split("-")[1]) + 1 if chunks else 0
         chunk = self.path / f"chunk-{number:08d}.npz"
-        _write_atomic(chunk, lambda f: np.savez(f, keys=keys, embeddings=embeddings))
+        files.savez_atomic(chunk, keys=keys, embeddings=embeddings)
         self._register(chunk, keys)
         return chunk
 
@@ -362,16 +309,17 @@ class Esm2Embedder:
 
 def embed_proteins(sequences: Iterable[str], store_dir: str | pathlib.Path, model_dir: str | pathlib.Path | None, *,
                    layer: int | None = None, max_tokens: int = 12_290, max_residues: int = 12_288,
-                   compute_dtype: str = "float32", progress: bool = True) -> EmbeddingStore:
+                   compute_dtype: str = "float32", progress: bool = True, unknown: str = "error") -> EmbeddingStore:
     """Embed every sequence not yet in the store at `store_dir` with the ESM2 model at
     `model_dir` (None: `default_esm2_dir()`) and return the store; `store.last_run` holds an
-    EmbedStats. Sequences are normalised (`normalise_sequence`), residues outside the alphabet
-    become <unk>, sequences longer than `max_residues` are truncated (counted and logged)."""
+    EmbedStats. Sequences follow `fasta.clean_protein` (a residue outside the ESM2 alphabet is an
+    error naming the input position, or X with unknown="x"); sequences longer than `max_residues`
+    are truncated (counted and logged)."""
     start = time.perf_counter()
-    sequences = [normalise_sequence(s) for s in sequences]
+    sequences = [fasta.clean_protein(s, f"protein {i} of the input", unknown) for i, s in enumerate(sequences)]
     empty = [i for i, s in enumerate(sequences) if not s]
     if empty:
-        raise ValueError(f"empty protein sequence(s) at position(s) {empty[:10]} of the input")
+        raise fasta.FastaError(f"empty protein sequence(s) at position(s) {empty[:10]} of the input")
     model_dir = pathlib.Path(model_dir) if model_dir is not None else default_esm2_dir()
     if not model_dir.exists():
         raise FileNotFoundError(f"no ESM2 model at {model_dir}: run `glm-jax fetch-esm2` or pass a model directory")
@@ -430,8 +378,8 @@ def embed_proteins_main(argv: list[str]) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        records = read_protein_fasta(args.fasta)
-        store = embed_proteins([seq for _, seq in records], args.store, args.model, layer=args.layer,
+        records = fasta.read_fasta(args.fasta)
+        store = embed_proteins([record.sequence for record in records], args.store, args.model, layer=args.layer,
                                max_tokens=args.max_tokens, max_residues=args.max_residues,
                                compute_dtype=args.dtype, progress=not args.quiet)
     except (ValueError, FileNotFoundError, ImportError) as err:

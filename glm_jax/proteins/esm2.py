@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax.interop.state_dict import StateDictError, read_state_dict, tensor_shape
+
 Params = dict[str, Any]
 
 # The 33-token ESM alphabet (fair-esm `Alphabet.from_architecture("ESM-1b")`, HF vocab.txt order).
@@ -343,7 +345,7 @@ _INV_FREQ = "attention.self.rotary_embeddings.inv_freq"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(StateDictError):
     """A checkpoint whose tensors do not form the ESM2 model expected."""
 
 
@@ -401,13 +403,9 @@ def infer_config(state: Mapping[str, np.ndarray]) -> Esm2Config:
     """Config from tensor shapes alone (a weights file without config.json). The head count is
     read off the rotary buffer when present, else from the released size with that depth/width."""
     state = _strip_prefix(state)
-    try:
-        vocab, hidden = state["embeddings.word_embeddings.weight"].shape
-        layer_ids = {int(m.group(1)) for m in map(_LAYER_KEY.match, state) if m}
-        intermediate = state["encoder.layer.0.intermediate.dense.weight"].shape[0]
-    except KeyError as err:
-        raise CheckpointError(f"not an HF ESM checkpoint: no tensor {err}") from None
-    num_layers = max(layer_ids) + 1
+    vocab, hidden = tensor_shape(state, "embeddings.word_embeddings.weight", "an HF ESM")
+    intermediate = tensor_shape(state, "encoder.layer.0.intermediate.dense.weight", "an HF ESM")[0]
+    num_layers = max(int(m.group(1)) for m in map(_LAYER_KEY.match, state) if m) + 1
     inv_freq = state.get(f"encoder.layer.0.{_INV_FREQ}")
     if inv_freq is not None:
         heads = hidden // (2 * inv_freq.shape[0])
@@ -419,24 +417,6 @@ def infer_config(state: Mapping[str, np.ndarray]) -> Esm2Config:
         heads = released[0].num_heads
     return Esm2Config(num_layers=num_layers, hidden_size=hidden, num_heads=heads,
                       intermediate_size=intermediate, vocab_size=vocab)
-
-
-def read_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """Tensors of a .safetensors or PyTorch .bin/.pt file, or of a sharded checkpoint's
-    `*.index.json`, as numpy arrays. Never unpickles code (`torch.load(weights_only=True)`)."""
-    path = pathlib.Path(path)
-    if path.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_state_dict(path.parent / shard).items()}
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-        return load_file(str(path))
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(f"reading {path} needs PyTorch (pip install torch); safetensors files do not") from None
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
 
 def _weights_in(directory: pathlib.Path) -> pathlib.Path:

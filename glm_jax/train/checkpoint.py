@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from glm_jax.model import checkpoint
-from glm_jax.model.glm import GLM, GLMConfig, create_model
+from glm_jax.model.glm import GLM, GLMConfig, abstract_params
 
 CHECKPOINT_DIR = "checkpoints"
 RUN_CONFIG_FILE = "config.json"
@@ -63,14 +63,6 @@ def _check_architecture(saved: dict, config: GLMConfig, source: str) -> None:
         raise CheckpointMismatchError(
             f"{source} holds a model of another architecture ({details}). Resume with the config it was "
             f"trained with, or start the run in a new workdir.")
-
-
-def abstract_params(config: GLMConfig, sharding_tree=None) -> dict:
-    """{name: ShapeDtypeStruct} of GLM(config)'s parameters, optionally with shardings."""
-    shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: create_model(config)), nnx.Param))
-    if sharding_tree is None:
-        return shapes
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding_tree)
 
 
 class TrainCheckpointer:

@@ -34,7 +34,7 @@ from glm_jax.model import objective
 from glm_jax.train import optim
 from glm_jax.train import checkpoint as train_checkpoint
 from glm_jax.config import load_config, split_config_args
-from glm_jax.model.glm import GLMConfig, config_from_dict_like, create_model
+from glm_jax.model.glm import GLMConfig, abstract_model, abstract_params, config_from_dict_like, create_model
 
 BATCH_KEYS = ("inputs_embeds", "labels", "attention_mask")
 # `objective.masked_gene_metrics` sums that `objective.summarize_metrics` turns into ratios.
@@ -160,9 +160,9 @@ def eval_step(params: dict, batch: dict, rng: jax.Array, *, graphdef, obj: Objec
 def state_shardings(model_config: GLMConfig, tx: optax.GradientTransformation, mesh) -> TrainState:
     """NamedShardings of every TrainState leaf: parameters by their logical axes, optimizer
     moments like their parameters, counters replicated."""
-    abstract_model = nnx.eval_shape(lambda: create_model(model_config))
-    param_shardings = sharding.tree_shardings(mesh, sharding.logical_axes_tree(nnx.state(abstract_model, nnx.Param)))
-    abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)))
+    model = abstract_model(model_config)
+    param_shardings = sharding.tree_shardings(mesh, sharding.logical_axes_tree(nnx.state(model, nnx.Param)))
+    abstract_opt = jax.eval_shape(tx.init, abstract_params(model_config))
     opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
                                           transform_non_params=lambda _: sharding.replicated(mesh))
     return TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
@@ -186,7 +186,7 @@ def init_train_state(model_config: GLMConfig, tx: optax.GradientTransformation, 
 
 def abstract_state(model_config: GLMConfig, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
     """ShapeDtypeStructs (with shardings) of the train state: restore targets."""
-    params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: create_model(model_config)), nnx.Param))
+    params = abstract_params(model_config)
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                        opt_state=jax.eval_shape(tx.init, params))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
@@ -334,7 +334,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optio
         if sharding.weight_sharding_devices(mesh) > 1:
             sharding.assert_params_sufficiently_sharded(state.params, mesh, UNSHARDED_TOLERANCE)
 
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(model_config)))
+        graphdef = nnx.graphdef(abstract_model(model_config))
         batch_sharding = sharding.batch_sharding(mesh)
         rep = sharding.replicated(mesh)
         step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, obj=obj,
