@@ -105,7 +105,9 @@ def test_bad_state_dicts_get_errors_naming_the_tensors(original):
         convert.torch_to_params(unexpected, TINY)
     wrong = dict(state_dict)
     wrong["roberta.roberta.encoder.layer.1.intermediate.dense.weight"] = np.zeros((65, 32), np.float32)
-    with pytest.raises(ValueError, match="differ in shape"):
+    # The one wrongly shaped tensor is named, with both shapes (not "layers differ in shape").
+    with pytest.raises(ValueError, match=r"wrong shapes: roberta\.roberta\.encoder\.layer\.1\.intermediate\.dense\.weight "
+                                         r"has shape \(65, 32\), expected \(64, 32\)$"):
         convert.torch_to_params(wrong, TINY)
     params, _ = convert.torch_to_params(state_dict, TINY)
     with pytest.raises(ValueError, match="mlp_in_kernel: expected shape"):
@@ -140,7 +142,7 @@ def test_forward_rejects_bad_inputs(converted, tmp_path):
     nan[1, 4, 0] = np.nan
     with pytest.raises(ValueError, match=r"NaN.*\[\[1, 4\]\]"):
         forward(model, dict(good, inputs_embeds=nan))
-    with pytest.raises(ValueError, match="missing 'attention_mask'"):
+    with pytest.raises(ValueError, match="batch: missing attention_mask"):
         forward(model, {"inputs_embeds": good["inputs_embeds"]})
     with pytest.raises(ValueError, match=r"labels must be \[2, 30, 12\]"):
         forward(model, dict(good, labels=np.zeros((2, 30, 11))))

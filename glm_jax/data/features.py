@@ -21,6 +21,8 @@ from typing import Iterable
 
 import numpy as np
 
+from glm_jax import files
+
 FORWARD, REVERSE = 0.5, -0.5
 
 
@@ -54,7 +56,7 @@ class FeatureTransform:
 
     def save(self, path: str | pathlib.Path) -> None:
         arrays = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        np.savez(path, **arrays)
+        files.savez_atomic(path, **arrays)
 
 
 def load_feature_transform(path: str | pathlib.Path, pca_path: str | pathlib.Path | None = None) -> FeatureTransform:

@@ -47,6 +47,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from glm_jax import files
+
 INFO_FILE = "dataset_info.json"
 TFDS_DIR = "tfds"
 FORMAT_NAME = "glm-jax-windows"
@@ -146,7 +148,7 @@ def write_dataset_info(out_dir: str | pathlib.Path, info: dict) -> None:
     `info` needs emb_dim, num_pc, max_genes, dtype and splits = {name: {"shards": [...]}}."""
     out_dir = pathlib.Path(out_dir)
     info = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **info}
-    (out_dir / INFO_FILE).write_text(json.dumps(info, indent=1))
+    files.write_text_atomic(out_dir / INFO_FILE, json.dumps(info, indent=1))
     _write_tfds_metadata(out_dir, info)
 
 
@@ -175,7 +177,7 @@ def _write_tfds_metadata(out_dir: pathlib.Path, info: dict) -> None:
     tfds_info = {"name": "glm_windows", "version": "1.0.0", "fileFormat": "tfrecord",
                  "description": f"gLM contig windows (emb_dim {info['emb_dim']}, num_pc {info['num_pc']}); see ../{INFO_FILE}",
                  "splits": splits}
-    (tfds_dir / "dataset_info.json").write_text(json.dumps(tfds_info, indent=1))
+    files.write_text_atomic(tfds_dir / "dataset_info.json", json.dumps(tfds_info, indent=1))
 
 
 def tfds_builder(dataset_dir: str | pathlib.Path):

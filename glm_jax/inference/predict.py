@@ -28,46 +28,11 @@ import numpy as np
 from flax import nnx
 
 from glm_jax.model import objective
+from glm_jax.model.batch import validate_batch
 from glm_jax.model.glm import GLM, contacts_from_attentions
 from glm_jax.data.shards import rename_original_arrays
 
 OUTPUT_KEYS = ("last_hidden_state", "hidden_states", "attentions", "predictions", "probabilities", "contacts")
-
-
-def validate_batch(batch: dict, emb_dim: int, num_pc: int, max_genes: int) -> dict:
-    """Checks names, shapes and values of a forward batch; returns it as float32/bool arrays."""
-    for name in ("inputs_embeds", "attention_mask"):
-        if name not in batch:
-            raise ValueError(f"input is missing {name!r} (has {sorted(batch)})")
-    inputs = np.asarray(batch["inputs_embeds"], np.float32)
-    if inputs.ndim != 3 or inputs.shape[-1] != emb_dim:
-        raise ValueError(f"inputs_embeds must be [batch, genes, {emb_dim}], got {list(inputs.shape)}")
-    b, s, _ = inputs.shape
-    if s > max_genes:
-        raise ValueError(f"inputs have {s} genes per contig; the model's position table allows {max_genes}")
-    out = {"inputs_embeds": inputs, "attention_mask": np.asarray(batch["attention_mask"], np.float32)}
-    if out["attention_mask"].shape != (b, s):
-        raise ValueError(f"attention_mask must be [{b}, {s}], got {list(out['attention_mask'].shape)}")
-    if not np.isin(out["attention_mask"], (0, 1)).all():
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (gene)")
-    if not np.isfinite(inputs).all():
-        rows = np.argwhere(~np.isfinite(inputs).all(-1))[:5].tolist()
-        raise ValueError(f"inputs_embeds contain NaN/Inf (first [contig, gene] rows: {rows})")
-    if "masked_tokens" in batch:
-        masked = np.asarray(batch["masked_tokens"])
-        masked = masked.reshape(masked.shape[:2]) if masked.ndim == 3 and masked.shape[-1] == 1 else masked
-        if masked.shape != (b, s):
-            raise ValueError(f"masked_tokens must be [{b}, {s}] or [{b}, {s}, 1], got {list(masked.shape)}")
-        out["masked_tokens"] = masked.astype(bool) & (out["attention_mask"] != 0)
-    if "labels" in batch:
-        labels = np.asarray(batch["labels"], np.float32)
-        if labels.shape != (b, s, num_pc):
-            raise ValueError(f"labels must be [{b}, {s}, {num_pc}], got {list(labels.shape)}")
-        if not np.isfinite(labels).all():
-            raise ValueError("labels contain NaN/Inf")
-        out["labels"] = labels
-        out.setdefault("masked_tokens", np.zeros((b, s), bool))
-    return out
 
 
 @nnx.jit(static_argnames=("with_labels", "label_clip", "reduction"))
@@ -98,14 +63,15 @@ def _minibatches(n: int, size: int) -> Iterator[slice]:
 
 
 def forward(model: GLM, batch: dict, *, batch_size: int = 64, label_clip: float = 0.0,
-            reduction: str = "all_positions") -> dict[str, np.ndarray]:
-    """Runs the model on a whole validated batch in minibatches; returns numpy outputs.
+            reduction: str = "all_positions", source: str = "batch") -> dict[str, np.ndarray]:
+    """Runs the model on a whole batch (checked by `validate_batch`, errors naming `source`) in
+    minibatches; returns numpy outputs.
 
     The loss is averaged over minibatches weighted by their positions (the original's
     all-positions mean) or masked genes (the "masked_genes" reduction).
     """
     config = model.config
-    batch = validate_batch(batch, config.emb_dim, config.num_pc, config.max_position_embeddings)
+    batch = validate_batch(batch, config, source=source)
     with_labels = "labels" in batch
     n, s = batch["attention_mask"].shape
     masked_all = batch.get("masked_tokens", np.zeros((n, s), bool))
@@ -166,7 +132,7 @@ def forward_main(argv) -> int:
     parser.add_argument("--reduction", default="all_positions", choices=objective.REDUCTIONS)
     args = parser.parse_args(argv)
     model = load_any_model(args.checkpoint, compute_dtype=args.dtype)
-    result = forward(model, read_npz(args.input), batch_size=args.batch_size, label_clip=args.label_clip,
+    result = forward(model, read_npz(args.input), batch_size=args.batch_size, label_clip=args.label_clip, source=args.input,
                      reduction=args.reduction)
     output = pathlib.Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -198,8 +164,7 @@ def embed_windows(model: GLM, batches, *, all_layers: bool = False) -> dict[str,
     """
     pieces = []
     for batch in batches:
-        checked = validate_batch(batch, model.config.emb_dim, model.config.num_pc,
-                                 model.config.max_position_embeddings)
+        checked = validate_batch(batch, model.config, source="window batch")
         out = jax.device_get(_embed_batch(model, jnp.asarray(checked["inputs_embeds"]),
                                           jnp.asarray(checked["attention_mask"]), all_layers=all_layers))
         real = checked["attention_mask"] > 0

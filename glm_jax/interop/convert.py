@@ -163,23 +163,22 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], config: GLMConfig) -> 
     """
     state_dict = strip_wrappers(state_dict)
     expected = expected_torch_shapes(config)
-    wrong = [f"{name} has shape {tuple(np.shape(t))}, expected {expected[name]}"
-             for name, t in state_dict.items() if name in expected and tuple(np.shape(t)) != expected[name]]
-    if wrong:
-        raise StateDictError(f"state dict does not fit {config.num_layers} layers of hidden size "
-                             f"{config.hidden_size}: " + "; ".join(wrong[:10]) + (" ..." if len(wrong) > 10 else ""))
+    wrong = {name: f"{name} has shape {tuple(np.shape(t))}, expected {expected[name]}"
+             for name, t in state_dict.items() if name in expected and tuple(np.shape(t)) != expected[name]}
     params: dict = {"encoder": {}}
     per_layer: dict[str, dict[int, np.ndarray]] = {}
     dropped, unexpected = [], []
     for name, tensor in state_dict.items():
-        tensor = np.asarray(tensor, np.float32)
+        # A wrongly shaped tensor is reported below, never converted (its reshape could fail).
+        converted = None if name in wrong else _to_ours
         layer_match = LAYER_KEY.match(name)
         if name in TOP_TENSORS:
             ours, kind = TOP_TENSORS[name]
-            params[ours] = _to_ours(kind, tensor, config)
+            params[ours] = converted and converted(kind, np.asarray(tensor, np.float32), config)
         elif layer_match and layer_match.group(2) in LAYER_TENSORS:
             ours, kind = LAYER_TENSORS[layer_match.group(2)]
-            per_layer.setdefault(ours, {})[int(layer_match.group(1))] = _to_ours(kind, tensor, config)
+            per_layer.setdefault(ours, {})[int(layer_match.group(1))] = (
+                converted and converted(kind, np.asarray(tensor, np.float32), config))
         elif is_unused_key(name):
             dropped.append(name)
         else:
@@ -190,6 +189,8 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], config: GLMConfig) -> 
     missing += [name for name, (ours, _) in TOP_TENSORS.items() if ours not in params]
     extra_layers = sorted({i for stack in per_layer.values() for i in stack if i >= config.num_layers})
     problems = [f"missing tensors: {missing}"] if missing else []
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(list(wrong.values())[:10]) + (" ..." if len(wrong) > 10 else ""))
     if unexpected:
         problems.append(f"unexpected tensors: {unexpected}")
     if extra_layers:

@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from glm_jax import files
 from glm_jax.model.glm import GLM, GLMConfig, abstract_model
 
 CONFIG_FILE = "glm_config.json"
@@ -76,9 +77,7 @@ def save_model(directory: str | pathlib.Path, model: GLM, *, overwrite: bool = F
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(params_path, jax.tree.map(np.asarray, params_as_dict(model)), force=overwrite)
     checkpointer.wait_until_finished()
-    tmp = directory / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(model.config.to_dict(), indent=2))
-    tmp.replace(directory / CONFIG_FILE)
+    files.write_text_atomic(directory / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=2))
     return directory
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from glm_jax import files
 from glm_jax.model import checkpoint
 from glm_jax.model.glm import GLM, GLMConfig, abstract_params
 
@@ -50,9 +51,7 @@ def write_run_config(workdir: str | pathlib.Path, model_config: GLMConfig, run_c
         _check_architecture(json.loads(path.read_text()), model_config, f"{workdir} (glm_config.json)")
     for name, text in ((checkpoint.CONFIG_FILE, json.dumps(model_config.to_dict(), indent=2)),
                        (RUN_CONFIG_FILE, run_config.to_json_best_effort(indent=2))):
-        tmp = workdir / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(workdir / name)
+        files.write_text_atomic(workdir / name, text)
 
 
 def _check_architecture(saved: dict, config: GLMConfig, source: str) -> None:

@@ -16,6 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from glm_jax import files
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -34,9 +36,7 @@ def _truncate_after(path: pathlib.Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    files.write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _jsonable(value):

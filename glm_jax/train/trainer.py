@@ -31,6 +31,7 @@ from glm_jax import sharding
 from glm_jax.train import flops
 from glm_jax.train import metrics_log
 from glm_jax.model import objective
+from glm_jax.model.batch import validate_batch
 from glm_jax.train import optim
 from glm_jax.train import checkpoint as train_checkpoint
 from glm_jax.config import load_config, split_config_args
@@ -212,18 +213,6 @@ def device_batch(host_batch: dict, batch_sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(host_batch[k])) for k in BATCH_KEYS}
 
 
-def check_batch(host_batch: dict, model_config: GLMConfig, batch_size_per_host: int) -> None:
-    """Fails early, with the numbers, when the data does not fit the model config."""
-    b, s, f = host_batch["inputs_embeds"].shape
-    c = host_batch["labels"].shape[-1]
-    if (f, c) != (model_config.emb_dim, model_config.num_pc) or s > model_config.max_position_embeddings:
-        raise ValueError(f"data windows have emb_dim {f}, num_pc {c}, {s} genes; the model expects emb_dim "
-                         f"{model_config.emb_dim}, num_pc {model_config.num_pc}, <= "
-                         f"{model_config.max_position_embeddings} genes (set config.model accordingly)")
-    if b != batch_size_per_host:
-        raise ValueError(f"reader yields {b} windows per host, expected {batch_size_per_host}")
-
-
 # --- metrics -----------------------------------------------------------------------------------
 
 def summarize_train(records: list[tuple[int, dict, dict]]) -> dict:
@@ -346,7 +335,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optio
         base_rng, eval_rng = jax.device_put((base_rng, eval_rng), rep)
 
         host_batch = next(train_data)
-        check_batch(host_batch, model_config, batch_per_host)
+        validate_batch(host_batch, model_config, source=f"first training batch of {config.data.train_pattern or 'the reader'}",
+                       batch_size=batch_per_host, require_labels=True)
         compile_start = time.perf_counter()
         compiled_step = step_fn.lower(state, device_batch(host_batch, batch_sharding), base_rng).compile()
         genes = host_batch["inputs_embeds"].shape[1]
