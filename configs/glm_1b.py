@@ -2,17 +2,13 @@
 
     glm-jax train --config configs/glm_1b.py --workdir runs/glm_1b --config.data.train_pattern=...
 
-Same architecture and objective as glm_base; see README "Training at scale" for its cost.
+Same architecture and objective as the defaults (configs/glm_base.py); see README "Training at scale" for its cost.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import glm_base  # noqa: E402
+from glm_jax.config import default_config
 
 
 def get_config():
-    config = glm_base.get_config()
+    config = default_config()
     config.model.hidden_size = 2048
     config.model.num_layers = 20
     config.model.num_heads = 16                # head_dim 128

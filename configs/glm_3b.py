@@ -4,15 +4,11 @@
 
 For a TPU pod slice or several GPU hosts; see README "Training at scale" for its cost.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import glm_base  # noqa: E402
+from glm_jax.config import default_config
 
 
 def get_config():
-    config = glm_base.get_config()
+    config = default_config()
     config.model.hidden_size = 2560
     config.model.num_layers = 36
     config.model.num_heads = 20                # head_dim 128

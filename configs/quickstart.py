@@ -4,15 +4,11 @@ Features are the real ESM2-8M embeddings (320-d + orientation = emb_dim 321) tha
 `launch/quickstart.sh` computes with `glm-jax make-shards`; labels are the whitened 99-PC
 projection + orientation (num_pc 100), as in the paper. About 5 minutes of training on 2 cores.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import glm_base  # noqa: E402
+from glm_jax.config import default_config
 
 
 def get_config():
-    config = glm_base.get_config()
+    config = default_config()
     config.model.emb_dim = 321                # ESM2-8M mean embedding (320) + orientation
     config.model.hidden_size = 128
     config.model.num_layers = 4

@@ -1,13 +1,9 @@
 """A tiny gLM for tests and smoke runs: same architecture, small sizes."""
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import glm_base  # noqa: E402
+from glm_jax.config import default_config
 
 
 def get_config():
-    config = glm_base.get_config()
+    config = default_config()
     config.model.emb_dim = 33
     config.model.hidden_size = 32
     config.model.num_layers = 2

@@ -103,3 +103,62 @@ def split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Loads a config file and applies command-line overrides to it."""
     return apply_overrides(load_config_file(path), overrides)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The package defaults: gLM exactly as the original `train.py` builds and trains it.
+
+    `config.model` holds every `GLMConfig` field at its default (documented on the dataclass, never
+    re-listed here); the other blocks are the original's objective, optimiser and training run.
+    Config files start from this and change only what differs.
+    """
+    from glm_jax.model.glm import GLMConfig
+
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict(GLMConfig().to_dict())
+
+    config.objective = ml_collections.ConfigDict()
+    config.objective.mask_prob = 0.15          # each real gene, independently; padding never
+    config.objective.mask_value = -1.0         # a masked gene's whole input row
+    config.objective.label_clip = 10.0         # labels clipped to +-label_clip before the loss
+    config.objective.prob_loss_weight = 1e-4   # loss = MSE(closest hypothesis) + weight * CE
+    # "all_positions": the original's MSE/CE means over every position, unmasked ones zeroed.
+    # "masked_genes": means over masked genes only (loss scale independent of the mask rate).
+    config.objective.reduction = "all_positions"
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 1e-4
+    config.optimizer.schedule = "warmup_constant"  # | "warmup_cosine" | "warmup_linear"
+    config.optimizer.warmup_steps = 5000
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.999
+    config.optimizer.eps = 1e-6
+    config.optimizer.weight_decay = 0.0
+    # False: transformers.AdamW, the original's (eps added to sqrt(v) before bias correction);
+    # True: optax / torch.optim.AdamW (eps after bias correction).
+    config.optimizer.eps_after_bias_correction = False
+    # The original calls clip_grad_value_ after optimizer.step(): it never changes an update.
+    config.optimizer.grad_clip_norm = 0.0   # > 0: clip by global norm before the update
+    config.optimizer.grad_clip_value = 0.0  # > 0: clip each gradient element before the update
+
+    config.train = ml_collections.ConfigDict()
+    config.train.seed = 0
+    config.train.batch_size = 1000          # contigs per optimizer step (global)
+    config.train.accumulation_steps = 1     # microbatches per step (lax.scan inside the step)
+    config.train.num_steps = 1_296_960      # the paper's run
+    config.train.log_every = 100
+    config.train.eval_every = 10_000
+    config.train.eval_batches = 10
+    config.train.checkpoint_every = 10_000
+    config.train.keep_checkpoints = 3
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1                   # -1: all devices not used by the other axes
+    config.mesh.fsdp = 1
+    config.mesh.tensor = 1
+
+    config.data = ml_collections.ConfigDict()
+    config.data.train_pattern = ""          # make-shards output dir, TFRecord glob, or an .npz of windows
+    config.data.eval_pattern = ""
+    config.data.shuffle_buffer = 10_000
+    return config

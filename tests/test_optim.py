@@ -1,6 +1,4 @@
 """The optimiser: the original's defaults, schedules, and clipping before the update."""
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,16 +6,12 @@ import optax
 import pytest
 import torch
 
-from train_utils import REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT / "configs"))
-import glm_base  # noqa: E402
-
-from glm_jax.train import optim  # noqa: E402
+from glm_jax.config import default_config
+from glm_jax.train import optim
 
 
 def base_optimizer_config():
-    return glm_base.get_config().optimizer
+    return default_config().optimizer
 
 
 def test_defaults_are_the_originals():

@@ -1,6 +1,4 @@
 """Meshes from the config, parameters born sharded, the sufficiently-sharded check, microbatches."""
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -10,10 +8,7 @@ from glm_jax import sharding
 from glm_jax.train import optim
 from glm_jax.train import trainer as train
 from glm_jax.model.glm import config_from_dict_like, create_model
-from train_utils import REPO_ROOT
-
-sys.path.insert(0, str(REPO_ROOT / "configs"))
-import glm_base  # noqa: E402
+from glm_jax.config import default_config
 
 
 @pytest.mark.parametrize("sizes, devices, expected", [
@@ -37,7 +32,7 @@ def test_bad_mesh_shapes_are_refused(sizes, message):
 
 
 def base_state_shardings(mesh, rules=sharding.LOGICAL_AXIS_RULES):
-    config = glm_base.get_config()
+    config = default_config()
     model_config = config_from_dict_like(config.model)
     tx, _ = optim.create_optimizer(config.optimizer, 10)
     with sharding.use_mesh(mesh, rules):
@@ -72,7 +67,7 @@ def test_a_wrong_rule_that_replicates_kernels_fails_loudly():
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     broken = tuple((name, None if name == "embed" else target) for name, target in sharding.LOGICAL_AXIS_RULES)
     _, _, shardings = base_state_shardings(mesh, broken)
-    model_config = config_from_dict_like(glm_base.get_config().model)
+    model_config = config_from_dict_like(default_config().model)
     shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: create_model(model_config)), nnx.Param))
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings.params)
     with pytest.raises(AssertionError, match=r"87.5% .* largest unsharded: \[\(74711040, .*mlp_out_kernel"):

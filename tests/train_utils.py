@@ -3,18 +3,15 @@ from __future__ import annotations
 
 import math
 import pathlib
-import sys
 
 import jax
 import numpy as np
 
+from glm_jax.config import load_config
+from glm_jax.data import shards
+from glm_jax.train import trainer as train
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "configs"))
-
-import tiny  # noqa: E402  (configs/tiny.py)
-
-from glm_jax.data import shards  # noqa: E402
-from glm_jax.train import trainer as train  # noqa: E402
 
 GENES = 30
 NUM_WINDOWS = 96
@@ -33,7 +30,7 @@ def random_windows(n: int, emb_dim: int, num_pc: int, seed: int = 0, genes: int 
 
 def tiny_config(steps: int = 6, mesh=(8, 1, 1), **train_overrides):
     """configs/tiny.py logging every step, no eval, checkpoints every 2 steps."""
-    config = tiny.get_config()
+    config = load_config(str(REPO_ROOT / "configs" / "tiny.py"))
     config.train.num_steps = steps
     config.train.log_every = 1
     config.train.checkpoint_every = 2

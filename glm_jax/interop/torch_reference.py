@@ -1,6 +1,6 @@
 """A PyTorch gLM with the original's architecture and state-dict layout, for parity and benchmarks.
 
-Written from GLM_SPEC.md (not from the original's code): HF `RobertaModel` with
+Written from docs/ARCHITECTURE.md#the-original-glm (not from the original's code): HF `RobertaModel` with
 `relative_key_query` inside the same module hierarchy, so its `state_dict()` has the original's
 keys, duplicate stacks included. Needs torch and transformers 4.57.x (transformers 5 silently
 drops relative_key_query; `build_reference` refuses such a model).
@@ -91,7 +91,7 @@ def build_reference(config: GLMConfig, seed: int = 0) -> ReferenceGLM:
 
 
 def original_loss(predictions, logits, labels, masked, prob_loss_weight=1e-4):
-    """The original objective (GLM_SPEC.md section 4) in torch: masked products, torch.argmin,
+    """The original objective (docs/ARCHITECTURE.md#objective) in torch: masked products, torch.argmin,
     nn.MSELoss / nn.CrossEntropyLoss means over all positions.
 
     predictions [b, s, p, c], logits [b, s, p], labels [b, s, c], masked bool [b, s].

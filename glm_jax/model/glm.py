@@ -1,7 +1,7 @@
 """gLM in Flax NNX: input projection -> RoBERTa encoder (relative_key_query) -> multi-hypothesis head.
 
 Computes the same function as the original PyTorch gLM (an HF `RobertaModel` called with
-`inputs_embeds`, `position_embedding_type="relative_key_query"`), see `GLM_SPEC.md` section 3:
+`inputs_embeds`, `position_embedding_type="relative_key_query"`), see docs/ARCHITECTURE.md#encoder:
 
     x = LayerNorm(Dense(genes) + token_type_embedding[0])            # no absolute positions
     per layer (post-LN, BERT):
@@ -35,25 +35,25 @@ POSITION_EMBEDDING_TYPES = ("relative_key_query", "relative_key", "none")
 class GLMConfig:
     """Architecture and numerics of a gLM. Defaults are the original `train.py` model."""
 
-    emb_dim: int = 1281
+    emb_dim: int = 1281                  # ESM2-650M mean embedding (1280) + orientation (+-0.5)
     hidden_size: int = 1280
     num_layers: int = 19
     num_heads: int = 10
-    intermediate_size: int = 3072
-    max_position_embeddings: int = 512
-    position_embedding_type: str = "relative_key_query"
+    intermediate_size: int = 3072        # RobertaConfig default: the original never sets it
+    max_position_embeddings: int = 512   # default (the original misspells the key): 1023 distance rows
+    position_embedding_type: str = "relative_key_query"  # | "relative_key" | "none"
     type_vocab_size: int = 1
-    num_pc: int = 100
-    num_pred: int = 4
+    num_pc: int = 100                    # label size: 99 whitened PCs + orientation
+    num_pred: int = 4                    # hypotheses per masked gene
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     initializer_range: float = 0.02
-    max_genes: int = 30
-    compute_dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan_layers: bool = True
-    remat_policy: str = "none"
+    max_genes: int = 30                  # genes per contig window
+    compute_dtype: str = "float32"       # "bfloat16": matmuls in bf16; LayerNorm, softmax, loss stay fp32
+    param_dtype: str = "float32"         # master weights
+    scan_layers: bool = True             # lax.scan over the layer stack (fast compiles at depth)
+    remat_policy: str = "none"           # "none" | "full" | "dots" | "dots_no_batch"
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:

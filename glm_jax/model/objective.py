@@ -1,6 +1,6 @@
 """The gLM masked-gene objective and its metrics, as pure jit-able functions.
 
-GLM_SPEC.md section 4: 15% of real genes are masked (their whole input row set to -1.0); the
+docs/ARCHITECTURE.md#objective: 15% of real genes are masked (their whole input row set to -1.0); the
 head proposes `num_pred` hypotheses per gene; the loss is the MSE of the hypothesis closest to
 the (clipped) label plus 1e-4 x cross-entropy of the logits against that hypothesis' index.
 """

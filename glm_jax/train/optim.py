@@ -1,6 +1,6 @@
 """The optimiser from `config.optimizer`: AdamW, a warm-up schedule, optional clipping.
 
-Defaults reproduce the original `train.py` (GLM_SPEC.md section 4): `transformers.AdamW`
+Defaults reproduce the original `train.py` (docs/ARCHITECTURE.md#optimisation): `transformers.AdamW`
 (betas 0.9/0.999, eps 1e-6, no weight decay), lr 1e-4 after 5,000 linear warm-up steps, then
 constant (`get_constant_schedule_with_warmup`). The original's `clip_grad_value_(1.0)` runs after
 `optimizer.step()` and never changes an update, so clipping is off by default; when enabled here
