@@ -37,7 +37,7 @@ def converted(original, tmp_path_factory):
 
 
 def test_converted_checkpoint_carries_its_config(converted):
-    assert checkpoint.load_config(converted) == TINY
+    assert checkpoint.read_model_config(converted) == TINY
 
 
 def test_hf_config_json_gives_the_same_config(original, tmp_path):
@@ -45,7 +45,7 @@ def test_hf_config_json_gives_the_same_config(original, tmp_path):
     destination = tmp_path / "model"
     assert cli.main(["convert-torch", str(directory / "glm.bin"), str(destination),
                      "--hf-config", str(directory / "config.json")]) == 0
-    assert checkpoint.load_config(destination) == TINY
+    assert checkpoint.read_model_config(destination) == TINY
 
 
 def test_config_file_with_overrides_must_match_the_tensors(original, tmp_path):

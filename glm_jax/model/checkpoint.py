@@ -81,7 +81,8 @@ def save_model(directory: str | pathlib.Path, model: GLM, *, overwrite: bool = F
     return directory
 
 
-def load_config(directory: str | pathlib.Path) -> GLMConfig:
+def read_model_config(directory: str | pathlib.Path) -> GLMConfig:
+    """The GLMConfig saved in a model directory or training workdir (`glm_config.json`)."""
     path = pathlib.Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {directory} is not a glm-jax model directory")
@@ -92,7 +93,7 @@ def load_model(directory: str | pathlib.Path, **config_changes) -> GLM:
     """Loads a model directory written by `save_model`. `config_changes` may change numerics
     (e.g. compute_dtype="bfloat16", scan_layers=False) but not shapes."""
     directory = pathlib.Path(directory).absolute()
-    config = load_config(directory).replace(**config_changes)
+    config = read_model_config(directory).replace(**config_changes)
     params_path = directory / PARAMS_DIR
     if not params_path.exists():
         raise FileNotFoundError(f"{params_path} not found")

@@ -134,7 +134,7 @@ def load_model_from_workdir(workdir: str | pathlib.Path, step: Optional[int] = N
     `config_changes` may change numerics (compute_dtype, scan_layers, ...) but not shapes.
     """
     workdir = pathlib.Path(workdir).absolute()
-    config = checkpoint.load_config(workdir).replace(**config_changes)
+    config = checkpoint.read_model_config(workdir).replace(**config_changes)
     checkpointer = TrainCheckpointer(workdir, keep=1, async_save=False)
     try:
         step = checkpointer.latest_step() if step is None else step
