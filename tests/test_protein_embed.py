@@ -90,14 +90,17 @@ def test_store_matches_direct_model_and_dedupes(tiny_esm2_dir, tmp_path, protein
 
 def test_truncation_and_unknown_residues(tiny_esm2_dir, tmp_path):
     config, params = esm2.load_esm2(tiny_esm2_dir)
+    with pytest.raises(ValueError, match=r"protein 1 of the input: invalid residue 'J' at position 3"):
+        pe.embed_proteins(["MKTAYIAKQRQISF", "MKJ1A"], tmp_path / "s", tiny_esm2_dir, progress=False)
+    # Opted in: characters outside the ESM2 alphabet become X (ESM2's unknown residue).
     store = pe.embed_proteins(["MKTAYIAKQRQISF", "MKJ1A"], tmp_path / "s", tiny_esm2_dir, max_residues=10,
-                              progress=False)
+                              progress=False, unknown="x")
     assert store.last_run.truncated == 1
-    expected = esm2.mean_embeddings(params, esm2.pad_batch([esm2.tokenize("MKTAYIAKQR"), esm2.tokenize("MKJ1A")]),
+    expected = esm2.mean_embeddings(params, esm2.pad_batch([esm2.tokenize("MKTAYIAKQR"), esm2.tokenize("MKXXA")]),
                                     config)
-    np.testing.assert_allclose(store.get(["MKTAYIAKQRQISF", "MKJ1A"]), np.asarray(expected).astype(np.float16),
+    np.testing.assert_allclose(store.get(["MKTAYIAKQRQISF", "MKXXA"]), np.asarray(expected).astype(np.float16),
                                atol=2e-3, rtol=0)
-    assert esm2.tokenize("MKJ1A").tolist() == [0, 20, 15, 3, 3, 5, 2]
+    assert esm2.tokenize("MKXXA").tolist() == [0, 20, 15, 24, 24, 5, 2]
     with pytest.raises(ValueError, match=r"empty protein sequence\(s\) at position\(s\) \[1\]"):
         pe.embed_proteins(["MKV", "*"], tmp_path / "s", tiny_esm2_dir, progress=False)
 
@@ -166,7 +169,7 @@ def test_embed_proteins_cli(tiny_esm2_dir, tmp_path, capsys):
 
     fasta.write_text("MKV\n")
     assert pe.embed_proteins_main(argv) == 1
-    assert f"{fasta}:1: sequence data before" in capsys.readouterr().err
+    assert f"{fasta}: line 1: sequence data before" in capsys.readouterr().err
     fasta.write_text(">a\nMKV\n")
     assert pe.embed_proteins_main([str(fasta), "--store", str(tmp_path / "t"), "--model", str(tmp_path / "none")]) == 1
     assert "run `glm-jax fetch-esm2`" in capsys.readouterr().err
