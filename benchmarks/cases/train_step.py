@@ -1,0 +1,148 @@
+"""train_step: one optimizer step of glm-jax vs the PyTorch reference gLM, same weights and batch.
+
+One step = mask 15% of genes, forward, the original loss, backward, AdamW update. JAX runs the
+trainer's `train_step` jitted with donated state on a data mesh of all local devices; PyTorch runs
+`glm_jax.interop.torch_reference` + `original_loss` + `torch.optim.AdamW` eagerly and, where it
+compiles, under `torch.compile`. CPU: float32 on both sides. GPU: also JAX bfloat16 vs PyTorch
+float16 autocast (how the original trained). Items: contigs (windows) per second.
+"""
+from __future__ import annotations
+
+import functools
+
+from benchmarks import synthetic
+from benchmarks.recorder import REPO
+from benchmarks.timing import measured_matmul_peak, time_fn
+
+CASE = "train_step"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--configs", default="tiny,base", help=f"comma-separated, of {sorted(synthetic.MODEL_CONFIGS)}")
+    parser.add_argument("--batch", default="8", help="comma-separated contigs per step, e.g. 8,32")
+    parser.add_argument("--baselines", default="eager,compile",
+                        help="PyTorch baselines: eager, compile (torch.compile), comma-separated or 'none'")
+
+
+def jax_step(config, params: dict, batch: dict):
+    """-> (a no-argument function running one jitted trainer step, state donated and carried;
+    the number of devices it runs on)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from glm_jax import sharding
+    from glm_jax.config import load_config
+    from glm_jax.model import checkpoint
+    from glm_jax.train import optim
+    from glm_jax.train import trainer
+
+    run_config = load_config(str(REPO / "configs" / "glm_base.py"))  # the optimizer gLM-base trains with
+    tx, schedule = optim.create_optimizer(run_config.optimizer, 10_000)
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    with sharding.use_mesh(mesh):
+        shardings = trainer.state_shardings(config, tx, mesh)
+        state = jax.device_put(trainer.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params)),
+                               shardings)
+        graphdef = nnx.graphdef(checkpoint.model_from_params(config, params))
+        step = jax.jit(functools.partial(trainer.train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                                         obj=trainer.ObjectiveConfig(), accumulation_steps=1),
+                       in_shardings=(shardings, sharding.batch_sharding(mesh), None), donate_argnums=0)
+        device_batch = trainer.device_batch(batch, sharding.batch_sharding(mesh))
+    rng = jax.random.key(0)
+    holder = {"state": state}
+
+    def call():
+        with sharding.use_mesh(mesh):
+            holder["state"], metrics = step(holder["state"], device_batch, rng)
+        return metrics["loss"]
+
+    return call, jax.device_count()
+
+
+def torch_step(module, batch: dict, device: str, autocast: bool):
+    """-> (a no-argument function running the original's step: mask 15% of genes, forward, loss,
+    backward, AdamW (with a GradScaler under float16 autocast, as the original); 1 device)."""
+    import torch
+
+    from glm_jax.interop import torch_reference
+
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, eps=1e-6, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(device, enabled=autocast)
+    x = torch.from_numpy(batch["inputs_embeds"]).to(device)
+    labels = torch.from_numpy(batch["labels"]).clamp(-10, 10).to(device)
+    mask = torch.from_numpy(batch["attention_mask"]).float().to(device)
+    generator = torch.Generator().manual_seed(0)
+
+    def call():
+        masked = (torch.rand(mask.shape, generator=generator) < 0.15).to(device) & (mask != 0)
+        inputs = torch.where(masked[..., None], torch.full_like(x, -1.0), x)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.float16, enabled=autocast):
+            out = module(inputs, mask)
+        loss = torch_reference.original_loss(out["predictions"].float(), out["logits"].float(), labels, masked)[0]
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss
+
+    return call, 1
+
+
+def run(args, recorder) -> None:
+    import jax
+    import torch
+
+    from glm_jax.train import flops
+
+    configs = ["tiny"] if args.quick else args.configs.split(",")
+    batches = [8] if args.quick else [int(b) for b in str(args.batch).split(",")]
+    baselines = ["eager"] if args.quick else [b for b in args.baselines.split(",") if b != "none"]
+    device = synthetic.torch_device()
+    accelerator = jax.default_backend() != "cpu"
+    for name in configs:
+        config = synthetic.MODEL_CONFIGS[name]
+        reference, params = synthetic.paired_models(config)
+        reference = reference.train().to(device)
+        for batch_size in batches:
+            batch = synthetic.model_windows(config, batch_size)
+            genes = int(batch["attention_mask"].sum())
+            step_flops = flops.train_flops_per_step(config, batch_size, synthetic.GENES)
+            common = dict(case=CASE, config=name, batch=batch_size, model_flops=step_flops,
+                          shapes={"genes": synthetic.GENES, "emb_dim": config.emb_dim, "real_genes": genes,
+                                  "parameters": flops.parameter_count(config)})
+            # (impl, dtype, framework for the matmul peak, peak dtype, step function factory)
+            runs = [("torch_eager", "float32", "torch", "float32", lambda: torch_step(reference, batch, device, False))]
+            if device == "cuda":
+                runs.append(("torch_eager", "float16-autocast", "torch", "float16",
+                             lambda: torch_step(reference, batch, device, True)))
+            if "compile" in baselines:
+                runs.append(("torch_compile", "float32", "torch", "float32",
+                             lambda: torch_step(torch.compile(reference), batch, device, False)))
+            for dtype in ["float32"] + (["bfloat16"] if accelerator else []):
+                runs.append(("jax", dtype, "jax", dtype,
+                             functools.partial(jax_step, config.replace(compute_dtype=dtype), params, batch)))
+            measured = {}
+            for impl, dtype, framework, peak_dtype, make in runs:
+                if impl == "torch_eager" and "eager" not in baselines:
+                    continue
+                try:
+                    call, devices = make()
+                    timing = time_fn(call, repeats=args.repeats, warmup=args.warmup)
+                except Exception as error:  # torch.compile without a toolchain, out of memory, ...
+                    recorder.record(**common, impl=impl, dtype=dtype, status="failed",
+                                    reason=f"{type(error).__name__}: {str(error)[:300]}")
+                    continue
+                measured[(impl, dtype)] = timing["median_s"]
+                baseline = {"jax": ("torch_eager", "float32" if dtype == "float32" else "float16-autocast")}.get(impl)
+                extra = {"genes_per_s": genes / timing["median_s"]}
+                if impl == "jax" and ("torch_compile", "float32") in measured and dtype == "float32":
+                    extra["ratio_vs_torch_compile"] = measured[("torch_compile", "float32")] / timing["median_s"]
+                peak = measured_matmul_peak(peak_dtype, framework)
+                recorder.record(
+                    **common, impl=impl, dtype=dtype, devices=devices, **timing,
+                    items_per_s=batch_size / timing["median_s"], items_unit="contigs/s",
+                    baseline=" ".join(baseline) if baseline and baseline in measured else None,
+                    ratio_vs_baseline=measured[baseline] / timing["median_s"] if baseline in measured else None,
+                    mfu_measured_peak=step_flops / timing["median_s"] / (devices * peak),
+                    extra={**extra, "matmul_peak_flops": peak, "matmul_peak": f"{framework} {peak_dtype}"})
