@@ -167,7 +167,8 @@ def _jsonable(value):
 
 def summary(record: dict) -> str:
     """One human-readable line per record, printed as the run goes."""
-    what = f"{record['case']} {record['config']} {record['impl']} {record['dtype'] or ''} batch={record['batch']}"
+    sizes = " ".join(f"{k}={v}" for k, v in record["shapes"].items() if isinstance(v, (int, float, str)))
+    what = f"{record['case']} {record['config']} {record['impl']} {record['dtype'] or ''} batch={record['batch']} {sizes}"
     if record["status"] != "ok":
         return f"{what}: {record['status']} ({record['reason']})"
     text = f"{what}: {record['median_s'] * 1e3:.2f} ms"

@@ -31,8 +31,8 @@ def shard_windows(size: int, emb_dim: int, num_pc: int, seed: int = 0) -> dict:
     lengths = rng.integers(MIN_GENES + 1, GENES + 1, size)
     mask = (np.arange(GENES)[None] < lengths[:, None]).astype(np.int64)
     return {
-        "inputs_embeds": (rng.normal(size=(size, GENES, emb_dim)) * mask[..., None]).astype(np.float16),
-        "labels": (rng.normal(size=(size, GENES, num_pc)) * mask[..., None]).astype(np.float16),
+        "inputs_embeds": (rng.standard_normal((size, GENES, emb_dim), np.float32) * mask[..., None]).astype(np.float16),
+        "labels": (rng.standard_normal((size, GENES, num_pc), np.float32) * mask[..., None]).astype(np.float16),
         "attention_mask": mask, "prot_ids": np.cumsum(mask).reshape(mask.shape) * mask,
         "protein_hash": rng.integers(-2 ** 62, 2 ** 62, (size, GENES)) * mask,
         "strand": rng.choice([-1, 1], (size, GENES)) * mask,
