@@ -28,7 +28,7 @@ RESULT_TABLES = ("train_step", "forward", "esm2", "input_pipeline", "attention")
 BLOCKS = RESULT_TABLES + ("scaling",)
 # shapes entries shown in a table's "sizes" column (None: all of them)
 SHOWN_SHAPES = {"train_step": (), "forward": (), "esm2": ("length", "proteins"), "input_pipeline": ("windows",),
-                "attention": None}
+                "attention": ("genes", "heads", "head_dim", "pass")}
 # extra columns: (header, extra key, formatter)
 EXTRA_COLUMNS = {
     "train_step": (("genes/s", "genes_per_s", "number"),),
@@ -39,7 +39,7 @@ EXTRA_COLUMNS = {
     "attention": (("peak memory", "memory", "bytes"),),
 }
 LENGTH_KEYS = ("genes", "seq_len", "length", "S", "contig_genes")  # contig length in attention records
-MEMORY_KEYS = ("peak_memory_bytes", "memory_bytes", "peak_bytes")
+MEMORY_KEYS = ("peak_memory_bytes", "memory_bytes", "compiled_bytes")  # the attention case's extra
 
 
 class ResultsError(ValueError):
@@ -164,7 +164,7 @@ def sort_key(record: dict) -> tuple:
         return (1, 0, str(value))
     shapes = record.get("shapes") or {}
     length = next((shapes[k] for k in LENGTH_KEYS if k in shapes), None)
-    return (orderable(record.get("config")), orderable(length), orderable(record.get("batch")),
+    return (orderable(length), orderable(record.get("config")), orderable(record.get("batch")),
             tuple(orderable(shapes[k]) for k in sorted(shapes)), orderable(record.get("dtype")),
             orderable(record.get("impl")))
 
@@ -267,22 +267,25 @@ def _ok(records):
 
 
 def plot_series(case: str, records: list[dict]) -> dict[str, list[tuple]]:
-    """Lines to draw -> {label: [(x, y...), ...]} for the case's figure (empty: no figure)."""
+    """Lines to draw -> {label: [(x, y...), ...]} for the case's figure (empty: no figure). A
+    label's words are implementation-ish first, then dtype, then (attention) the pass."""
     series = defaultdict(list)
     for r in _ok(records):
         if case == "train_step":
             mfu = r.get("mfu_datasheet") if r.get("mfu_datasheet") is not None else r.get("mfu_measured_peak")
             if isinstance(r.get("batch"), int) and mfu is not None:
-                series[f"{r['config']} {r['impl']} {r['dtype']}"].append((r["batch"], mfu))
+                series[f"{r['config']}/{r['impl']} {r['dtype']}"].append((r["batch"], mfu))
         elif case == "attention":
             length = contig_length(r)
             if length is not None:
-                label = " ".join(str(v) for v in (r.get("impl"), r.get("dtype"), r.get("config")) if v)
+                # config may name the length itself: one line per implementation, dtype and pass
+                label = " ".join(str(v) for v in (r.get("impl"), r.get("dtype"), (r.get("shapes") or {}).get("pass"))
+                                 if v)
                 series[label].append((length, r["median_s"], memory_bytes(r)))
         elif case == "esm2":
             length = (r.get("shapes") or {}).get("length")
             if isinstance(length, int) and r.get("items_per_s"):
-                series[f"{r['config']} {r['impl']} {r['dtype']}"].append((length, r["items_per_s"]))
+                series[f"{r['config']}/{r['impl']} {r['dtype']}"].append((length, r["items_per_s"]))
     return {label: sorted(points) for label, points in sorted(series.items())}
 
 
@@ -309,15 +312,20 @@ def write_plots(records: list[dict], out_dir: pathlib.Path = PLOTS) -> list[path
                 continue
             series = plot_series(case, group)
             panels = 2 if case == "attention" else 1
-            fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.2), squeeze=False)
+            fig, axes = plt.subplots(1, panels, figsize=(6 * panels + 2.5, 4.2), squeeze=False)
             axes = axes[0]
+            # colour: the implementation; line: float32 solid, others dashed; marker: the pass
+            colours = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(k.split()[0] for k in series))}
             for label, points in series.items():
+                words = label.split()
+                style = dict(color=colours[words[0]], linestyle="-" if "float32" in words else "--",
+                             marker="s" if "forward_backward" in words else "o", label=label)
                 xs = [p[0] for p in points]
-                axes[0].plot(xs, [p[1] for p in points], marker="o", label=label)
+                axes[0].plot(xs, [p[1] for p in points], **style)
                 if case == "attention":
                     memory = [(x, p[2]) for x, p in zip(xs, points) if p[2] is not None]
                     if memory:
-                        axes[1].plot(*zip(*memory), marker="o", label=label)
+                        axes[1].plot(*zip(*memory), **style)
             if case == "train_step":
                 mfu_kind = "bf16 data sheet" if any(r.get("mfu_datasheet") for r in group) else "measured matmul peak"
                 axes[0].set(xlabel="batch (contigs)", ylabel=f"MFU (vs {mfu_kind})", xscale="log")
@@ -329,12 +337,11 @@ def write_plots(records: list[dict], out_dir: pathlib.Path = PLOTS) -> list[path
                 axes[0].set(xlabel="padded length (tokens)", ylabel="proteins / s", xscale="log", yscale="log")
             for ax in axes:
                 ax.grid(True, alpha=0.3)
-                if ax.has_data():
-                    ax.legend(fontsize=7)
+            axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
             commands = sorted({r.get("command") for r in group if r.get("command")})
             fig.suptitle(f"{case} on {device}", fontsize=10)
             fig.text(0.01, 0.005, "\n".join(commands), fontsize=6, family="monospace", va="bottom")
-            fig.tight_layout(rect=(0, 0.04 + 0.02 * len(commands), 1, 0.95))
+            fig.tight_layout(rect=(0, 0.03 + 0.02 * len(commands), 1, 0.95))
             out_dir.mkdir(parents=True, exist_ok=True)
             path = out_dir / files[0].name
             fig.savefig(path, dpi=110, metadata={"Software": None})
