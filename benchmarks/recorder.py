@@ -84,7 +84,8 @@ def git_commit() -> dict | None:
     def git(*args):
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
     try:
-        return {"sha": git("rev-parse", "HEAD").strip(), "dirty": bool(git("status", "--porcelain", "-uno", "--", ".", ":!benchmarks/results").strip())}
+        changes = git("status", "--porcelain", "-uno", "--", ".", ":!benchmarks/results")
+        return {"sha": git("rev-parse", "HEAD").strip(), "dirty": bool(changes.strip())}
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -168,7 +169,8 @@ def _jsonable(value):
 def summary(record: dict) -> str:
     """One human-readable line per record, printed as the run goes."""
     sizes = " ".join(f"{k}={v}" for k, v in record["shapes"].items() if isinstance(v, (int, float, str)))
-    what = f"{record['case']} {record['config']} {record['impl']} {record['dtype'] or ''} batch={record['batch']} {sizes}"
+    what = f"{record['case']} {record['config']} {record['impl']} {record['dtype'] or ''} batch={record['batch']}"
+    what += f" {sizes}" if sizes else ""
     if record["status"] != "ok":
         return f"{what}: {record['status']} ({record['reason']})"
     text = f"{what}: {record['median_s'] * 1e3:.2f} ms"

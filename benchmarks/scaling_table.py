@@ -2,7 +2,8 @@
 
 `python benchmarks/run.py report` writes it between the README's `perf:scaling` markers
 (`--check` compares). Numbers come from `glm_jax.train.flops` (analytic; FLOPs checked against
-XLA in tests/test_flops.py). Memory is per device on the listed mesh, without remat savings, batch split over data x fsdp.
+XLA in tests/test_flops.py). Memory is per device on the listed mesh, without remat savings,
+batch split over data x fsdp.
 """
 from __future__ import annotations
 

@@ -43,20 +43,3 @@ def shard_windows(size: int, emb_dim: int, num_pc: int, seed: int = 0) -> dict:
         "genome": np.array(["genome.gbff.gz"] * size, object),
     }
 
-
-def paired_models(config: GLMConfig, seed: int = 0):
-    """The PyTorch reference gLM (random weights) and the same weights as glm-jax params."""
-    from glm_jax.interop import convert
-    from glm_jax.interop import torch_reference
-
-    reference = torch_reference.build_reference(config, seed)
-    params, _ = convert.torch_to_params(torch_reference.state_dict_numpy(reference), config)
-    return reference, params
-
-
-def torch_device() -> str:
-    """"cuda" when jax runs on a GPU and torch sees one, else "cpu": both sides on the same hardware."""
-    import jax
-    import torch
-
-    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"

@@ -103,7 +103,7 @@ def run(args, recorder) -> None:
     import jax
     import numpy as np
 
-    from benchmarks import synthetic
+    from benchmarks import paired
     from glm_jax.proteins import embed, esm2
 
     accelerator = jax.default_backend() != "cpu"
@@ -121,7 +121,7 @@ def run(args, recorder) -> None:
     plan = embed.plan_batches([len(t) for t in tokens], args.max_tokens, max_residues + 2)
     batches = [(esm2.pad_batch([tokens[i] for i in indices], length, rows), indices) for indices, rows, length in plan]
     name, config, params, model = paired_models(args.size, args.quick)
-    device = synthetic.torch_device()
+    device = paired.torch_device()
     model = model.to(device)
     shapes = {}  # (rows, length) -> the first (fullest) batch of that shape
     for batch, indices in batches:

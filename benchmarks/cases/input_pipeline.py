@@ -17,7 +17,7 @@ import json
 import pathlib
 import tempfile
 
-from benchmarks import synthetic
+from benchmarks import paired, synthetic
 from benchmarks.recorder import environment
 from benchmarks.timing import time_fn
 
@@ -55,7 +55,7 @@ def train_consumption(config_name: str, batch: int, args, results: pathlib.Path)
     from benchmarks.cases import train_step
 
     config = synthetic.MODEL_CONFIGS[config_name]
-    _, params = synthetic.paired_models(config)
+    _, params = paired.paired_models(config)
     call, _ = train_step.jax_step(config, params, synthetic.model_windows(config, batch))
     seconds = time_fn(call, repeats=args.repeats, warmup=args.warmup)["median_s"]
     return batch / seconds, f"train_step {config_name} jax float32 batch={batch} (measured in this run)"
@@ -86,7 +86,8 @@ def run(args, recorder) -> None:
 
     def record(impl: str, timing: dict, items: int, genes: int | None, extra: dict | None = None):
         rate = items / timing["median_s"]
-        recorder.record(**common, impl=impl, dtype="float16" if impl == "ShardWriter" else "float32", **timing, items_per_s=rate,
+        dtype = "float16" if impl == "ShardWriter" else "float32"  # written as stored, read as the model takes
+        recorder.record(**common, impl=impl, dtype=dtype, **timing, items_per_s=rate,
                         ratio_vs_baseline=rate / consumed,
                         extra={"train_windows_per_s": consumed, "target_ratio": TARGET_RATIO,
                                "meets_target": rate / consumed >= TARGET_RATIO,

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import functools
 
-from benchmarks import synthetic
+from benchmarks import paired, synthetic
 from benchmarks.recorder import REPO
-from benchmarks.timing import measured_matmul_peak, time_fn
 
 CASE = "train_step"
 
@@ -61,8 +60,8 @@ def jax_step(config, params: dict, batch: dict):
 
 
 def torch_step(module, batch: dict, device: str, autocast: bool):
-    """-> (a no-argument function running the original's step: mask 15% of genes, forward, loss,
-    backward, AdamW (with a GradScaler under float16 autocast, as the original); 1 device)."""
+    """-> a no-argument function running the original's step: mask 15% of genes, forward, loss,
+    backward, AdamW (with a GradScaler under float16 autocast, as the original)."""
     import torch
 
     from glm_jax.interop import torch_reference
@@ -86,63 +85,34 @@ def torch_step(module, batch: dict, device: str, autocast: bool):
         scaler.update()
         return loss
 
-    return call, 1
+    return call
 
 
 def run(args, recorder) -> None:
     import jax
-    import torch
 
     from glm_jax.train import flops
 
     configs = ["tiny"] if args.quick else args.configs.split(",")
     batches = [8] if args.quick else [int(b) for b in str(args.batch).split(",")]
-    baselines = ["eager"] if args.quick else [b for b in args.baselines.split(",") if b != "none"]
-    device = synthetic.torch_device()
-    accelerator = jax.default_backend() != "cpu"
+    baselines = ["eager"] if args.quick else args.baselines.split(",")
+    device = paired.torch_device()
+    jax_dtypes = ["float32"] + (["bfloat16"] if jax.default_backend() != "cpu" else [])
     for name in configs:
         config = synthetic.MODEL_CONFIGS[name]
-        reference, params = synthetic.paired_models(config)
+        reference, params = paired.paired_models(config)
         reference = reference.train().to(device)
         for batch_size in batches:
             batch = synthetic.model_windows(config, batch_size)
             genes = int(batch["attention_mask"].sum())
-            step_flops = flops.train_flops_per_step(config, batch_size, synthetic.GENES)
-            common = dict(case=CASE, config=name, batch=batch_size, model_flops=step_flops,
-                          shapes={"genes": synthetic.GENES, "emb_dim": config.emb_dim, "real_genes": genes,
-                                  "parameters": flops.parameter_count(config)})
-            # (impl, dtype, framework for the matmul peak, peak dtype, step function factory)
-            runs = [("torch_eager", "float32", "torch", "float32", lambda: torch_step(reference, batch, device, False))]
-            if device == "cuda":
-                runs.append(("torch_eager", "float16-autocast", "torch", "float16",
-                             lambda: torch_step(reference, batch, device, True)))
-            if "compile" in baselines:
-                runs.append(("torch_compile", "float32", "torch", "float32",
-                             lambda: torch_step(torch.compile(reference), batch, device, False)))
-            for dtype in ["float32"] + (["bfloat16"] if accelerator else []):
-                runs.append(("jax", dtype, "jax", dtype,
-                             functools.partial(jax_step, config.replace(compute_dtype=dtype), params, batch)))
-            measured = {}
-            for impl, dtype, framework, peak_dtype, make in runs:
-                if impl == "torch_eager" and "eager" not in baselines:
-                    continue
-                try:
-                    call, devices = make()
-                    timing = time_fn(call, repeats=args.repeats, warmup=args.warmup)
-                except Exception as error:  # torch.compile without a toolchain, out of memory, ...
-                    recorder.record(**common, impl=impl, dtype=dtype, status="failed",
-                                    reason=f"{type(error).__name__}: {str(error)[:300]}")
-                    continue
-                measured[(impl, dtype)] = timing["median_s"]
-                baseline = {"jax": ("torch_eager", "float32" if dtype == "float32" else "float16-autocast")}.get(impl)
-                extra = {"genes_per_s": genes / timing["median_s"]}
-                if impl == "jax" and ("torch_compile", "float32") in measured and dtype == "float32":
-                    extra["ratio_vs_torch_compile"] = measured[("torch_compile", "float32")] / timing["median_s"]
-                peak = measured_matmul_peak(peak_dtype, framework)
-                recorder.record(
-                    **common, impl=impl, dtype=dtype, devices=devices, **timing,
-                    items_per_s=batch_size / timing["median_s"], items_unit="contigs/s",
-                    baseline=" ".join(baseline) if baseline and baseline in measured else None,
-                    ratio_vs_baseline=measured[baseline] / timing["median_s"] if baseline in measured else None,
-                    mfu_measured_peak=step_flops / timing["median_s"] / (devices * peak),
-                    extra={**extra, "matmul_peak_flops": peak, "matmul_peak": f"{framework} {peak_dtype}"})
+            sides = paired.torch_sides(baselines, device, lambda module, autocast: torch_step(module, batch, device,
+                                                                                             autocast), reference)
+            sides += [paired.Side("jax", dtype, ("jax", dtype),
+                                  functools.partial(jax_step, config.replace(compute_dtype=dtype), params, batch))
+                      for dtype in jax_dtypes]
+            paired.measure(
+                recorder, sides, dict(case=CASE, config=name, batch=batch_size,
+                                      shapes={"genes": synthetic.GENES, "emb_dim": config.emb_dim, "real_genes": genes,
+                                              "parameters": flops.parameter_count(config)}),
+                repeats=args.repeats, warmup=args.warmup, items=batch_size, genes=genes,
+                model_flops=flops.train_flops_per_step(config, batch_size, synthetic.GENES))
