@@ -90,9 +90,12 @@ def run_case(name: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     usage = "usage: run.py {list,report," + ",".join(CASES) + "} [options]  (run.py CASE --help)"
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__ if argv else usage)
-        return 0 if argv else 2
+    if not argv:
+        print(usage, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "list":
         for name, (module, what) in CASES.items():
