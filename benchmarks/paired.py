@@ -20,27 +20,47 @@ class Side:
     make: Callable[[], tuple[Callable, int]]
 
 
-def paired_models(config, seed: int = 0):
-    """The PyTorch reference gLM (random weights) and the same weights as glm-jax params."""
-    from glm_jax.interop import convert
-    from glm_jax.interop import torch_reference
+class Unavailable(RuntimeError):
+    """A side that cannot run here (recorded as skipped, with this message as the reason)."""
 
-    reference = torch_reference.build_reference(config, seed)
+
+def paired_models(config, seed: int = 0):
+    """-> (the PyTorch reference gLM with random weights, the same weights as glm-jax params, None),
+    or where the reference cannot be built (no torch; transformers 5, which drops the relative
+    positions) (None, glm-jax's own random params, why)."""
+    try:
+        from glm_jax.interop import convert
+        from glm_jax.interop import torch_reference
+
+        reference = torch_reference.build_reference(config, seed)
+    except (ImportError, RuntimeError) as error:
+        from glm_jax.model import checkpoint
+        from glm_jax.model.glm import create_model
+
+        return None, checkpoint.params_as_dict(create_model(config, seed)), f"{type(error).__name__}: {error}"
     params, _ = convert.torch_to_params(torch_reference.state_dict_numpy(reference), config)
-    return reference, params
+    return reference, params, None
 
 
 def torch_device() -> str:
     """"cuda" when jax runs on a GPU and torch sees one, else "cpu": both sides on the same hardware."""
     import jax
-    import torch
 
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
     return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
-def torch_sides(baselines: list[str], device: str, make: Callable[[object, bool], Callable], reference) -> list[Side]:
+def torch_sides(baselines: list[str], device: str, make: Callable[[object, bool], Callable], reference,
+                missing: str | None = None) -> list[Side]:
     """The PyTorch sides asked for: eager float32 (+ float16 autocast on CUDA), torch.compile float32.
-    make(module, autocast) -> call."""
+    make(module, autocast) -> call. Without a reference (`missing` says why) one skipped side."""
+    if reference is None:
+        def unavailable():
+            raise Unavailable(f"no PyTorch reference: {missing}")
+        return [Side("torch_eager", "float32", ("torch", "float32"), unavailable)]
     import torch
 
     sides = []
@@ -67,6 +87,9 @@ def measure(recorder, sides: list[Side], common: dict, *, repeats: int, warmup: 
         try:
             call, devices = side.make()
             timing = time_fn(call, repeats=repeats, warmup=warmup)
+        except Unavailable as why:
+            recorder.record(**common, impl=side.impl, dtype=side.dtype, status="skipped", reason=str(why)[:300])
+            continue
         except Exception as error:  # a failing side is a result, not the end of the run
             recorder.record(**common, impl=side.impl, dtype=side.dtype, status="failed",
                             reason=f"{type(error).__name__}: {str(error)[:300]}")

@@ -222,6 +222,21 @@ def test_harness_reports_missing_and_crashing_cases(tmp_path, monkeypatch, capsy
     assert kept["status"] == "ok" and failed["status"] == "failed" and "out of memory" in failed["reason"]
 
 
+def test_without_a_pytorch_reference_jax_is_still_measured(tmp_path, monkeypatch):
+    """transformers 5 (the GPU image) cannot build the reference: JAX runs, PyTorch is skipped."""
+    from glm_jax.interop import torch_reference
+
+    def refuse(config, seed=0):
+        raise RuntimeError("transformers 5.17 ignores position_embedding_type='relative_key_query'")
+
+    monkeypatch.setattr(torch_reference, "build_reference", refuse)
+    output = tmp_path / "r.jsonl"
+    assert run.main(["forward", "--quick", "--output", str(output)]) == 0
+    torch_record, jax_record = read_jsonl(output)
+    assert torch_record["status"] == "skipped" and "ignores position_embedding_type" in torch_record["reason"]
+    assert jax_record["status"] == "ok" and jax_record["baseline"] is None and jax_record["median_s"] > 0
+
+
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
     """Every registered case at toy size into one results file -> its records."""

@@ -55,7 +55,7 @@ def train_consumption(config_name: str, batch: int, args, results: pathlib.Path)
     from benchmarks.cases import train_step
 
     config = synthetic.MODEL_CONFIGS[config_name]
-    _, params = paired.paired_models(config)
+    _, params, _ = paired.paired_models(config)
     call, _ = train_step.jax_step(config, params, synthetic.model_windows(config, batch))
     seconds = time_fn(call, repeats=args.repeats, warmup=args.warmup)["median_s"]
     return batch / seconds, f"train_step {config_name} jax float32 batch={batch} (measured in this run)"

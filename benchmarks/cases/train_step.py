@@ -59,7 +59,7 @@ def jax_step(config, params: dict, batch: dict):
     return call, jax.device_count()
 
 
-def torch_step(module, batch: dict, device: str, autocast: bool):
+def torch_step(module, autocast: bool, *, batch: dict, device: str):
     """-> a no-argument function running the original's step: mask 15% of genes, forward, loss,
     backward, AdamW (with a GradScaler under float16 autocast, as the original)."""
     import torch
@@ -100,13 +100,13 @@ def run(args, recorder) -> None:
     jax_dtypes = ["float32"] + (["bfloat16"] if jax.default_backend() != "cpu" else [])
     for name in configs:
         config = synthetic.MODEL_CONFIGS[name]
-        reference, params = paired.paired_models(config)
-        reference = reference.train().to(device)
+        reference, params, missing = paired.paired_models(config)
+        reference = reference.train().to(device) if reference is not None else None
         for batch_size in batches:
             batch = synthetic.model_windows(config, batch_size)
             genes = int(batch["attention_mask"].sum())
-            sides = paired.torch_sides(baselines, device, lambda module, autocast: torch_step(module, batch, device,
-                                                                                             autocast), reference)
+            sides = paired.torch_sides(baselines, device, functools.partial(torch_step, batch=batch, device=device),
+                                       reference, missing)
             sides += [paired.Side("jax", dtype, ("jax", dtype),
                                   functools.partial(jax_step, config.replace(compute_dtype=dtype), params, batch))
                       for dtype in jax_dtypes]
