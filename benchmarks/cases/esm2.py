@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pathlib
 
+from benchmarks import paired
 from benchmarks.recorder import REPO
 from benchmarks.timing import time_fn
 
@@ -104,7 +105,6 @@ def run(args, recorder) -> None:
     import jax
     import numpy as np
 
-    from benchmarks import paired
     from glm_jax.proteins import embed, esm2
 
     accelerator = jax.default_backend() != "cpu"
@@ -143,12 +143,14 @@ def run(args, recorder) -> None:
                 out = fn(batch)
                 outputs[impl] = (out.cpu().numpy() if hasattr(out, "cpu") else np.asarray(out))[: len(indices)]
             max_diff = float(np.abs(outputs["jax"] - outputs["torch_eager"]).max())
-            for impl, timing in ((impl, per_shape[impl][shape]) for impl in sides):
+            for impl in sides:
+                timing = per_shape[impl][shape]
                 ratio = per_shape["torch_eager"][shape]["median_s"] / timing["median_s"] if impl == "jax" else None
                 recorder.record(case=CASE, config=name, impl=impl, dtype=dtype_of[impl], batch=shape[0],
                                 shapes={"length": shape[1], "proteins": len(indices), "residues": residues},
                                 **timing, items_per_s=len(indices) / timing["median_s"], items_unit="proteins/s",
-                                baseline=f"torch_eager {torch_dtype}" if impl == "jax" else None, ratio_vs_baseline=ratio,
+                                baseline=f"torch_eager {torch_dtype}" if impl == "jax" else None,
+                                ratio_vs_baseline=ratio,
                                 extra={"residues_per_s": residues / timing["median_s"],
                                        "torch_attention": model.config._attn_implementation,
                                        **({"max_abs_diff_pooled_vs_torch": max_diff} if impl == "jax" else {})})
