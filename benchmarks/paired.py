@@ -1,0 +1,109 @@
+"""glm-jax against the PyTorch reference gLM: the same weights, timed one after the other in one run."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from benchmarks.timing import measured_matmul_peak, time_fn
+
+# what a JAX measurement in each dtype is compared with: the original trained and embedded in
+# float16 autocast, so JAX bfloat16 is set against that
+BASELINE_OF = {"float32": ("torch_eager", "float32"), "bfloat16": ("torch_eager", "float16-autocast")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """One implementation to time: `make()` -> (no-argument call, devices it runs on)."""
+    impl: str  # "jax", "torch_eager", "torch_compile"
+    dtype: str  # "float32", "bfloat16", "float16-autocast"
+    peak: tuple[str, str]  # (framework, dtype) of the matmul rate its MFU is measured against
+    make: Callable[[], tuple[Callable, int]]
+
+
+class Unavailable(RuntimeError):
+    """A side that cannot run here (recorded as skipped, with this message as the reason)."""
+
+
+def paired_models(config, seed: int = 0):
+    """-> (the PyTorch reference gLM with random weights, the same weights as glm-jax params, None),
+    or where the reference cannot be built (no torch; transformers 5, which drops the relative
+    positions) (None, glm-jax's own random params, why)."""
+    try:
+        from glm_jax.interop import convert
+        from glm_jax.interop import torch_reference
+
+        reference = torch_reference.build_reference(config, seed)
+    except (ImportError, RuntimeError) as error:
+        from glm_jax.model import checkpoint
+        from glm_jax.model.glm import create_model
+
+        return None, checkpoint.params_as_dict(create_model(config, seed)), f"{type(error).__name__}: {error}"
+    params, _ = convert.torch_to_params(torch_reference.state_dict_numpy(reference), config)
+    return reference, params, None
+
+
+def torch_device() -> str:
+    """"cuda" when jax runs on a GPU and torch sees one, else "cpu": both sides on the same hardware."""
+    import jax
+
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def torch_sides(baselines: list[str], device: str, make: Callable[[object, bool], Callable], reference,
+                missing: str | None = None) -> list[Side]:
+    """The PyTorch sides asked for: eager float32 (+ float16 autocast on CUDA), torch.compile float32.
+    make(module, autocast) -> call. Without a reference (`missing` says why) one skipped side."""
+    if reference is None:
+        def unavailable():
+            raise Unavailable(f"no PyTorch reference: {missing}")
+        return [Side("torch_eager", "float32", ("torch", "float32"), unavailable)]
+    import torch
+
+    sides = []
+    if "eager" in baselines:
+        sides.append(Side("torch_eager", "float32", ("torch", "float32"), lambda: (make(reference, False), 1)))
+        if device == "cuda":
+            sides.append(Side("torch_eager", "float16-autocast", ("torch", "float16"),
+                              lambda: (make(reference, True), 1)))
+    if "compile" in baselines:
+        sides.append(Side("torch_compile", "float32", ("torch", "float32"),
+                          lambda: (make(torch.compile(reference), False), 1)))
+    return sides
+
+
+def measure(recorder, sides: list[Side], common: dict, *, repeats: int, warmup: int, items: int, genes: int,
+            model_flops: float, extra: Callable[[Side, Callable], dict] = lambda side, call: {}) -> None:
+    """Times every side in order (PyTorch first, so JAX records carry their baseline) and records
+    each: contigs/s (`items` per call), extra.genes_per_s (real genes, `genes` per call), MFU
+    against the side's own framework's matmul rate, `extra(side, call)`, and for
+    JAX the ratio to its `BASELINE_OF` (and to torch.compile in extra). A side that fails (e.g.
+    torch.compile without a compiler, out of memory) is recorded as failed."""
+    measured = {}
+    for side in sides:
+        try:
+            call, devices = side.make()
+            timing = time_fn(call, repeats=repeats, warmup=warmup)
+        except Unavailable as why:
+            recorder.record(**common, impl=side.impl, dtype=side.dtype, status="skipped", reason=str(why)[:300])
+            continue
+        except Exception as error:  # a failing side is a result, not the end of the run
+            recorder.record(**common, impl=side.impl, dtype=side.dtype, status="failed",
+                            reason=f"{type(error).__name__}: {str(error)[:300]}")
+            continue
+        seconds = timing["median_s"]
+        measured[(side.impl, side.dtype)] = seconds
+        baseline = BASELINE_OF.get(side.dtype) if side.impl == "jax" else None
+        details = {"genes_per_s": genes / seconds, **extra(side, call)}
+        if side.impl == "jax" and ("torch_compile", side.dtype) in measured:
+            details["ratio_vs_torch_compile"] = measured[("torch_compile", side.dtype)] / seconds
+        peak = measured_matmul_peak(side.peak[1], side.peak[0])
+        recorder.record(**common, impl=side.impl, dtype=side.dtype, devices=devices, model_flops=model_flops,
+                        **timing, items_per_s=items / seconds, items_unit="contigs/s",
+                        baseline=" ".join(baseline) if baseline in measured else None,
+                        ratio_vs_baseline=measured[baseline] / seconds if baseline in measured else None,
+                        mfu_measured_peak=model_flops / seconds / (devices * peak),
+                        extra={**details, "matmul_peak_flops": peak, "matmul_peak": " ".join(side.peak)})
