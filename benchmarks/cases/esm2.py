@@ -42,7 +42,9 @@ def sample_proteins(args) -> list[str]:
     from glm_jax.proteins import embed
 
     if args.fasta:
-        proteins = [embed.normalise_sequence(s) for _, s in embed.read_protein_fasta(args.fasta)]
+        from glm_jax.data import fasta
+
+        proteins = [record.sequence for record in fasta.read_fasta(args.fasta)]
     else:
         from glm_jax.data import genomes  # needs biopython
 
