@@ -24,6 +24,9 @@ setup(
         "safetensors>=0.4",
         "biopython>=1.83",
         "tqdm>=4.60",
+        # glm-jax infer writes its per-gene tables as parquet; read_gene_table returns a DataFrame.
+        "pyarrow>=14",
+        "pandas>=2.0",
         "tensorflow-cpu>=2.16; platform_system != 'Darwin'",
         "tensorflow-datasets>=4.9",
         "tensorboardX>=2.6",

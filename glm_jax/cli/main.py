@@ -16,6 +16,7 @@ COMMANDS = {
     "make-shards": ("glm_jax.data.make_shards", "make_shards_main", "genomes -> contig windows -> TFRecord shards"),
     "train": ("glm_jax.train.trainer", "train_main", "train gLM (any mesh, resumable)"),
     "embed": ("glm_jax.inference.predict", "embed_main", "gene embeddings / predictions of a trained model on shards"),
+    "infer": ("glm_jax.cli.inference", "infer_main", "genomes -> per-gene embeddings, hypotheses, attention (parquet)"),
 }
 
 

@@ -33,7 +33,7 @@ Readers (`ShardReader` over TFRecords, `InMemoryWindows` over numpy arrays) shar
     (ShardReader: shards in a permuted order, each fully shuffled; InMemoryWindows: one permutation)
   * batches of `batch_size` windows per host (global batch = batch_size * process_count) as dicts
     inputs_embeds float32 [B, S, E], labels float32 [B, S, K], attention_mask int32 [B, S],
-    prot_ids int32 [B, S], window_index int64 [B] (+ gene_ids, contig_id, genome with include_metadata)
+    prot_ids int32 [B, S], window_index int64 [B] (+ gene_ids, contig_id, genome, window_start, strand, gene_labels with include_metadata)
   * `state()` is {"consumed": windows yielded, ...} (JSON); `restore(state)` continues exactly there.
 """
 from __future__ import annotations
@@ -335,7 +335,8 @@ class ShardReader(_BatchStream):
                  "window_index": tf.io.FixedLenFeature([], tf.int64)}
         if self.include_metadata:
             spec |= {"gene_ids": tf.io.FixedLenFeature([s], tf.string), "contig_id": tf.io.FixedLenFeature([], tf.string),
-                     "genome": tf.io.FixedLenFeature([], tf.string), "window_start": tf.io.FixedLenFeature([], tf.int64)}
+                     "genome": tf.io.FixedLenFeature([], tf.string), "window_start": tf.io.FixedLenFeature([], tf.int64),
+                     "strand": tf.io.FixedLenFeature([s], tf.int64), "gene_labels": tf.io.FixedLenFeature([s], tf.string)}
         x = tf.io.parse_example(serialized, spec)
         width = {"inputs_embeds": self.info["emb_dim"], "labels": self.info["num_pc"]}
         for key in NUMERIC_KEYS:
@@ -370,7 +371,8 @@ def _locate_corruption(files: Sequence[pathlib.Path], error: Exception) -> Shard
 
 def read_shards(files, split: str = "train") -> dict[str, np.ndarray]:
     """Every window of the given shards, unshuffled, in file order: arrays as `ShardReader`
-    yields them plus gene_ids/contig_id/genome/window_start (for tests and small datasets)."""
+    yields them plus gene_ids/contig_id/genome/window_start/strand/gene_labels (for tests, small
+    datasets and `glm-jax infer --shards`)."""
     reader = ShardReader(files, batch_size=1024, split=split, shuffle=False, num_epochs=1, drop_remainder=False,
                          include_metadata=True)
     batches = list(reader)
