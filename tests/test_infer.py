@@ -217,7 +217,7 @@ def test_resume_after_sigkill_recomputes_only_missing_windows(setup, run8, tmp_p
     # a completed run is not recomputed; other settings in the same directory are refused
     genome.infer_genomes([META], setup["root"] / "model", out, **setup["common"], batch_size=8, attention="pairs",
                          chunk_windows=1, progress=False, log=lambda _: None)
-    assert len(json.loads((out / "manifest.json").read_text())["runs"]) == 2
+    assert len(json.loads((out / "manifest.json").read_text())["runs"]) == 1  # the killed run recorded none
     with pytest.raises(genome.InferenceInputError, match="options"):
         genome.infer_genomes([META], setup["root"] / "model", out, **setup["common"], window=20, progress=False,
                              log=lambda _: None)
@@ -242,3 +242,29 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
         assert code == 1 and len(err) == 1 and err[0].startswith("glm-jax infer: error: ") and message in err[0]
     assert "wide" in err[0] and "glm_config.json" in err[0]
     assert not (tmp_path / "b" / "genes.parquet").exists()
+
+
+def test_shards_input_gives_the_rows_of_their_windows(setup, run8, tmp_path):
+    """make-shards output (non-overlapping windows, short tails dropped) -> one row per gene in a
+    window, each equal to forward on its shard window."""
+    from glm_jax.data import make_shards, shards
+    from glm_jax.data.windows import WindowConfig
+    store = protein_embed.EmbeddingStore(setup["common"]["store_dir"])
+    make_shards.make_shards([META], tmp_path / "shards", lambda _: store, transform=setup["transform"],
+                            window=WindowConfig(30), eval_fraction=0.3, split_by="window", num_shards=1,
+                            progress=False, log=lambda _: None)
+    out = genome.infer_genomes([], setup["root"] / "model", tmp_path / "out", shards_dir=tmp_path / "shards",
+                               progress=False, log=lambda _: None)
+    genes = genome.read_gene_table(out)
+    windows = shards.read_shards(tmp_path / "shards", split="eval")
+    assert len(genes) == int(windows["attention_mask"].sum()) + int(
+        shards.read_shards(tmp_path / "shards", split="train")["attention_mask"].sum())
+    direct = forward(setup["model"], {"inputs_embeds": windows["inputs_embeds"][:2],
+                                      "attention_mask": windows["attention_mask"][:2]})
+    for w in range(2):
+        contig = windows["contig_id"][w].decode().rsplit("_", 1)[0]
+        start, size = int(windows["window_start"][w]), int(windows["attention_mask"][w].sum())
+        rows = genes[(genes["contig"] == contig) & genes["position"].between(start, start + size - 1)]
+        assert list(rows["gene_id"]) == [g.decode() for g in windows["gene_ids"][w, :size]]
+        np.testing.assert_allclose(np.stack(rows["embedding"].to_numpy()), direct["last_hidden_state"][w, :size],
+                                   atol=2e-5)
