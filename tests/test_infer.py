@@ -174,7 +174,7 @@ def test_short_contig_is_one_padded_window_and_maps(setup, tmp_path):
     np.testing.assert_allclose(np.stack(genes["embedding"].to_numpy()), direct["last_hidden_state"][0, :7], atol=2e-5)
     index = pd.read_parquet(out / "maps" / "windows.parquet")
     assert len(index) == 1 and index["num_genes"][0] == 7 and list(index["gene_ids"][0]) == list(genes["gene_id"])
-    maps = np.load(out / "maps" / f"attention-{0:05d}.npy", mmap_mode="r")
+    maps = np.load(out / "maps" / index["file"][0], mmap_mode="r")
     np.testing.assert_allclose(maps[index["row"][0], :, :, :7, :7], direct["attentions"][0, :, :, :7, :7], atol=1e-6)
 
 
@@ -237,11 +237,11 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
     for argv, message in (([str(empty), "--checkpoint", str(setup["root"] / "model")], "no_cds.gbk: no CDS"),
                           ([str(META), "--checkpoint", str(tmp_path / "wide")], "emb_dim 321")):
         code = cli.main(["infer", *argv, "--output", str(tmp_path / "b"), "--store", str(setup["common"]["store_dir"]),
-                         "--esm2", str(setup["esm2"]), "--no-progress"])
+                         "--esm2-model", str(setup["esm2"]), "--no-progress"])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 1 and len(err) == 1 and err[0].startswith("glm-jax infer: error: ") and message in err[0]
     assert "wide" in err[0] and "glm_config.json" in err[0]
-    assert not (tmp_path / "b" / "genes.parquet").exists()
+    assert not (tmp_path / "b").exists()  # nothing written on bad input
 
 
 def test_shards_input_gives_the_rows_of_their_windows(setup, run8, tmp_path):
@@ -268,3 +268,20 @@ def test_shards_input_gives_the_rows_of_their_windows(setup, run8, tmp_path):
         assert list(rows["gene_id"]) == [g.decode() for g in windows["gene_ids"][w, :size]]
         np.testing.assert_allclose(np.stack(rows["embedding"].to_numpy()), direct["last_hidden_state"][w, :size],
                                    atol=2e-5)
+
+
+def test_training_workdir_finds_its_features_and_esm2(setup, tmp_path):
+    """What `launch/quickstart.sh` leaves: WORKDIR/config.json names the make-shards directory
+    relative to where training ran; it is found from any working directory."""
+    workdir, dataset = tmp_path / "runs" / "q" / "train", tmp_path / "runs" / "q" / "shards"
+    workdir.mkdir(parents=True)
+    dataset.mkdir()
+    (workdir / "config.json").write_text(json.dumps({"data": {"train_pattern": "runs/q/shards"}}))
+    setup["transform"].save(dataset / "normalization.npz")
+    (dataset / "dataset_info.json").write_text(json.dumps({"esm2": {"model_dir": str(setup["esm2"]), "layer": 2}}))
+    transform, source, info = genome.resolve_features(workdir, None)
+    assert source == str(dataset / "normalization.npz") and info["esm2"]["layer"] == 2
+    np.testing.assert_array_equal(transform.pca_components, setup["transform"].pca_components)
+    assert genome._default_esm2_dir(info) == setup["esm2"]
+    with pytest.raises(genome.InferenceInputError, match="--features"):
+        genome.resolve_features(tmp_path / "runs", None)

@@ -37,8 +37,8 @@ def infer_main(argv: list[str]) -> int:
                                            "features; default: the checkpoint's (see README)")
     parser.add_argument("--normalization", help="mean/std npz, e.g. the reference norm.npz (with --pca)")
     parser.add_argument("--pca", help="sklearn-style PCA npz for --normalization, e.g. the reference pca.npz")
-    parser.add_argument("--esm2", dest="esm2_dir", help="ESM2 model directory (default: the training shards', "
-                                                       "else the fetched ESM2-8M)")
+    parser.add_argument("--esm2-model", dest="esm2_dir", help="ESM2 model directory (default: the one the training "
+                                                             "shards were made with, else the fetched ESM2-8M)")
     parser.add_argument("--store", help="ESM2 embedding store (default OUTPUT/embeddings)")
     parser.add_argument("--window", type=_positive, default=30, help="genes per window")
     parser.add_argument("--stride", type=_positive, help="gene offset between windows (default window/2)")
@@ -54,8 +54,8 @@ def infer_main(argv: list[str]) -> int:
                         help="also run each gene masked: context_embedding (what the context predicts)")
     parser.add_argument("--attention", choices=("pairs", "maps"), help="pairs: adjacent-pair attention features; "
                                                                         "maps: whole per-window attention")
-    parser.add_argument("--esm2-column", dest="include_esm2", action="store_true",
-                        help="add the raw ESM2 embedding of each gene (column esm2)")
+    parser.add_argument("--esm2", dest="include_esm2", action="store_true",
+                        help="add the raw mean-pooled ESM2 embedding of each gene (column esm2)")
     parser.add_argument("--attention-impl", default="reference", help="attention implementation")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -480,8 +480,10 @@ def write_chunk(out_dir: pathlib.Path, chunk: int, result: dict) -> None:
     if result.get("pairs") is not None:
         _write_table(_part(out_dir, "pairs", chunk), result["pairs"])
     if "maps" in result:
-        _write_atomic(_map_file(out_dir, chunk), lambda handle: np.save(handle, result["maps"]))
-        _write_table(_part(out_dir, "windows", chunk), result["windows"])
+        path = _map_file(out_dir, chunk)
+        _write_atomic(path, lambda handle: np.save(handle, result["maps"]))
+        windows = result["windows"]
+        _write_table(_part(out_dir, "windows", chunk), windows.add_column(1, "file", [[path.name] * len(windows)]))
     _write_table(_part(out_dir, "genes", chunk), result["genes"])
 
 
