@@ -36,8 +36,12 @@ PROTEIN_FASTA_SUFFIXES = (".faa",)
 NUCLEOTIDE_FASTA_SUFFIXES = (".fna", ".fa", ".fasta", ".fas")
 AMBIGUOUS_FASTA_SUFFIXES = (".fa", ".fasta", ".fas")  # sniffed: protein or nucleotide
 NUCLEOTIDE_LETTERS = frozenset("ACGTUNRYKMSWBDHV")
-# GenBank qualifiers kept as per-gene labels (PhiSpy's prophage label, Pharokka's PHROG annotations).
-LABEL_QUALIFIERS = ("is_phage", "phrog", "function", "product", "locus_tag", "gene")
+# GenBank qualifiers kept as per-gene labels (PhiSpy's prophage label, Pharokka's PHROG annotations,
+# NCBI identifiers and EC numbers for function probes).
+LABEL_QUALIFIERS = ("is_phage", "phrog", "function", "product", "locus_tag", "gene", "protein_id", "EC_number")
+# Qualifiers whose repeats are all kept, joined: Pharokka splits a category containing a comma over
+# two /function qualifiers; an enzyme may carry several /EC_number.
+REPEATED_QUALIFIER_JOINERS = {"function": ", ", "EC_number": ";"}
 
 
 class GenomeFormatError(ValueError):
@@ -185,8 +189,8 @@ def _genbank_labels(qualifiers: dict) -> tuple[tuple[str, str], ...]:
     labels = []
     for key in LABEL_QUALIFIERS:
         if key in qualifiers:
-            # Pharokka splits categories containing a comma over two /function qualifiers.
-            value = ", ".join(part.strip() for part in qualifiers[key]) if key == "function" else qualifiers[key][0]
+            joiner = REPEATED_QUALIFIER_JOINERS.get(key)
+            value = joiner.join(part.strip() for part in qualifiers[key]) if joiner else qualifiers[key][0]
             labels.append((key, value))
     return tuple(labels)
 
