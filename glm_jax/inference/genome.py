@@ -333,12 +333,12 @@ class ModelRunner:
         n = len(arrays[0])
         pieces = []
         with sharding.use_mesh(self.mesh):
-            for start in range(0, n, self.batch_size):
+            for start in range(0, max(n, 1), self.batch_size):  # n = 0: one padded call gives the shapes
                 batch = [_pad_rows(a[start:start + self.batch_size], self.batch_size) for a in arrays]
                 batch = [jax.device_put(a, self.input_sharding) for a in batch]
                 out = jax.device_get(fn(self.state, *batch))
                 self.calls += 1
-                pieces.append({k: v[:min(self.batch_size, n - start)] for k, v in out.items()})
+                pieces.append({k: v[:max(0, min(self.batch_size, n - start))] for k, v in out.items()})
         return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
     def windows(self, inputs: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
