@@ -420,6 +420,9 @@ def _gene_metadata(plan: Plan, windows: list[PlannedWindow], wi: np.ndarray, pj:
         "start": pa.array([g.start for g in genes], pa.int64()),
         "end": pa.array([g.end for g in genes], pa.int64()),
         "strand": pa.array([g.strand for g in genes], pa.int8()),
+        # 1-based CDS ordinal in its file, pseudo CDS counted: the row key of tables such as
+        # gLM's operon.annot (locus tags repeat for alternative starts); null for shards input
+        "cds_index": pa.array([g.index or None for g in genes], pa.int64()),
         "window_start": pa.array([w.start for _, _, w in rows], pa.int32()),
     }
     for key in plan.label_keys:
