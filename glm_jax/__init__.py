@@ -27,6 +27,9 @@ _EXPORTS = {
     # inference
     "forward": "glm_jax.inference.predict",
     "embed_windows": "glm_jax.inference.predict",
+    "infer_genomes": "glm_jax.inference.genome",
+    "read_gene_table": "glm_jax.inference.genome",
+    "read_pair_table": "glm_jax.inference.genome",
     # configs
     "default_config": "glm_jax.config",
     "load_config": "glm_jax.config",

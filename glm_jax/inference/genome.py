@@ -40,7 +40,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import pathlib
 from typing import Callable, Sequence
 
@@ -49,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glm_jax import sharding
+from glm_jax import files, sharding
 from glm_jax.data import features, genomes
 from glm_jax.model import objective
 from glm_jax.model.glm import GLM, GLMConfig
@@ -451,23 +450,9 @@ def _pair_sums(plan: Plan, windows: list[PlannedWindow], pairs: np.ndarray):
 
 # --- files ------------------------------------------------------------------------------------
 
-def _write_atomic(path: pathlib.Path, write: Callable) -> None:
-    """write(binary file) to a temporary file beside `path`, fsync, rename over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_table(path: pathlib.Path, table) -> None:
     import pyarrow.parquet as pq
-    _write_atomic(path, lambda handle: pq.write_table(table, handle))
+    files.atomic_write(path, lambda handle: pq.write_table(table, handle))
 
 
 def _part(out_dir: pathlib.Path, kind: str, chunk: int) -> pathlib.Path:
@@ -484,7 +469,7 @@ def write_chunk(out_dir: pathlib.Path, chunk: int, result: dict) -> None:
         _write_table(_part(out_dir, "pairs", chunk), result["pairs"])
     if "maps" in result:
         path = _map_file(out_dir, chunk)
-        _write_atomic(path, lambda handle: np.save(handle, result["maps"]))
+        files.atomic_write(path, lambda handle: np.save(handle, result["maps"]))
         windows = result["windows"]
         _write_table(_part(out_dir, "windows", chunk), windows.add_column(1, "file", [[path.name] * len(windows)]))
     _write_table(_part(out_dir, "genes", chunk), result["genes"])
@@ -502,7 +487,7 @@ def _concatenate_parts(parts: list[pathlib.Path], path: pathlib.Path) -> None:
             writer.write_table(table)
         writer.close()
 
-    _write_atomic(path, write)
+    files.atomic_write(path, write)
 
 
 def _assemble_pairs(plan: Plan, chunks: list[range], out_dir: pathlib.Path, path: pathlib.Path) -> int:
@@ -552,7 +537,7 @@ def _assemble_pairs(plan: Plan, chunks: list[range], out_dir: pathlib.Path, path
                 keys, sums, counts = keys[~final], sums[~final], counts[~final]
         writer.close()
 
-    _write_atomic(path, write)
+    files.atomic_write(path, write)
     return rows
 
 
@@ -595,12 +580,12 @@ def _open_manifest(out_dir: pathlib.Path, identity: dict) -> dict:
                                       f"use another output directory or delete it")
         return manifest
     manifest = {"format": MANIFEST_FORMAT, "identity": identity, "complete": False, "runs": []}
-    _write_atomic(path, lambda h: h.write(json.dumps(manifest, indent=1).encode()))
+    files.atomic_write(path, lambda h: h.write(json.dumps(manifest, indent=1).encode()))
     return manifest
 
 
 def _save_manifest(out_dir: pathlib.Path, manifest: dict) -> None:
-    _write_atomic(out_dir / MANIFEST_FILE, lambda h: h.write(json.dumps(manifest, indent=1).encode()))
+    files.atomic_write(out_dir / MANIFEST_FILE, lambda h: h.write(json.dumps(manifest, indent=1).encode()))
 
 
 # --- checkpoint features and ESM2 -------------------------------------------------------------
