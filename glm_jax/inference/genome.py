@@ -187,16 +187,18 @@ def _plan(contigs: list[genomes.Contig], windows: list[PlannedWindow]) -> Plan:
     return Plan(contigs, _unique_ids(contigs), windows, offsets, _label_keys(contigs))
 
 
-def read_corpus(genome_paths: Sequence[str | pathlib.Path], contig_table=None) -> list[genomes.Contig]:
-    """Contigs of every file; a file without a single protein-coding gene is an error."""
-    contigs = []
+def read_corpus(genome_paths: Sequence[str | pathlib.Path], contig_table=None) -> genomes.GenomeRead:
+    """Every file read (contigs without genes left out, skipped CDS kept for the log); a file
+    without a single protein-coding gene is an error."""
+    corpus = genomes.GenomeRead()
     for path in genome_paths:
         read = genomes.read_genome(path, contig_table=contig_table)
         if read.num_genes == 0:
             skipped = f" ({len(read.skipped)} CDS skipped: {read.summary()['skipped_by_reason']})" if read.skipped else ""
             raise InferenceInputError(f"{path}: no CDS with a protein sequence{skipped}; nothing to infer")
-        contigs += [c for c in read.contigs if c.genes]
-    return contigs
+        read.contigs = [c for c in read.contigs if c.genes]
+        corpus.extend(read)
+    return corpus
 
 
 # --- features of windows ----------------------------------------------------------------------
@@ -715,8 +717,10 @@ def infer_genomes(genome_paths: Sequence[str | pathlib.Path], checkpoint: str | 
         if transform.num_pc != config.num_pc:
             raise InferenceInputError(f"{feature_source}: {transform.num_pc - 1} PCA components + orientation "
                                       f"!= the checkpoint's num_pc {config.num_pc} ({checkpoint})")
-        contigs = read_corpus(genome_paths, contig_table)
-        plan = plan_windows(contigs, options.window, options.step)
+        corpus = read_corpus(genome_paths, contig_table)
+        log(f"read {corpus.num_genes} genes on {len(corpus.contigs)} contigs from {len(genome_paths)} file(s); "
+            f"skipped {len(corpus.skipped)} CDS {corpus.summary()['skipped_by_reason']}")
+        plan = plan_windows(corpus.contigs, options.window, options.step)
         store = _embed(plan, esm2_dir, store_dir or out_dir / "embeddings", info, progress, log)
         featurize = GenomeFeatures(plan, store, transform, options.window, info.get("dtype", "float16"))
         identity_inputs = {"genomes": [[pathlib.Path(p).name, _file_digest(pathlib.Path(p))] for p in genome_paths],
