@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm_jax import sharding
+from glm_jax import kernels, sharding
+from glm_jax.model.attention import attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 POSITION_EMBEDDING_TYPES = ("relative_key_query", "relative_key", "none")
@@ -54,6 +55,8 @@ class GLMConfig:
     param_dtype: str = "float32"         # master weights
     scan_layers: bool = True             # lax.scan over the layer stack (fast compiles at depth)
     remat_policy: str = "none"           # "none" | "full" | "dots" | "dots_no_batch"
+    attention: str = "reference"         # a name of glm_jax.kernels.IMPLEMENTATIONS (README: attention)
+    clip_distances: bool = False         # |i - j| > max_position_embeddings - 1 -> the table's end rows
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -63,12 +66,14 @@ class GLMConfig:
                              f"got {self.position_embedding_type!r}")
         if self.num_pred < 2:
             raise ValueError("num_pred must be >= 2 (the multi-hypothesis head with probabilities)")
-        if self.max_genes > self.max_position_embeddings:
+        if self.max_genes > self.max_position_embeddings and not self.clip_distances:
             raise ValueError(f"max_genes {self.max_genes} exceeds max_position_embeddings "
-                             f"{self.max_position_embeddings}: distances would fall off the table")
+                             f"{self.max_position_embeddings}: distances would fall off the table "
+                             "(clip_distances=True maps them to its end rows)")
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
+        kernels.check_name(self.attention)
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}")
 
@@ -214,47 +219,12 @@ def _dense(x: jax.Array, kernel: jax.Array, bias: jax.Array, spec: str, dtype) -
     return y + bias.astype(dtype)
 
 
-def padding_bias(attention_mask: jax.Array) -> jax.Array:
-    """Additive key mask as HF builds it: 0 for genes, finfo(float32).min for padding.
-
-    attention_mask: [batch, genes] (1 = gene, 0 = pad) -> [batch, 1, 1, genes] float32
-    """
-    mask = attention_mask.astype(jnp.float32)[:, None, None, :]
-    return (1.0 - mask) * jnp.finfo(jnp.float32).min
-
-
-def relative_distance_embeddings(distance_table: jax.Array, num_genes: int, max_positions: int) -> jax.Array:
-    """Gathers D[i - j] for every query i and key j.
-
-    distance_table: [2 * max_positions - 1, head_dim] -> [genes(i), genes(j), head_dim]
-    """
-    positions = jnp.arange(num_genes)
-    index = positions[:, None] - positions[None, :] + max_positions - 1
-    return distance_table[index]
-
-
-def attention_probabilities(q, k, distance_table, bias, config: GLMConfig) -> jax.Array:
-    """Softmax attention weights with relative position scores, in float32.
-
-    q, k: [batch, genes, heads, head_dim]; distance_table: [num_distances, head_dim]
-    bias: [batch, 1, 1, genes] -> [batch, heads, genes(query), genes(key)]
-    """
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    if config.position_embedding_type != "none":
-        rel = relative_distance_embeddings(distance_table, q.shape[1], config.max_position_embeddings)
-        rel = rel.astype(q.dtype)
-        scores += jnp.einsum("bqhd,qkd->bhqk", q, rel, preferred_element_type=jnp.float32)
-        if config.position_embedding_type == "relative_key_query":
-            scores += jnp.einsum("bkhd,qkd->bhqk", k, rel, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(config.head_dim) + bias
-    return jax.nn.softmax(scores, axis=-1)
-
-
-def encoder_layer(x, params: dict, bias, rng, config: GLMConfig):
+def encoder_layer(x, params: dict, attention_mask, rng, config: GLMConfig, return_probs: bool = False):
     """One post-LN RoBERTa layer.
 
-    x: [batch, genes, hidden]; params: this layer's slice of `EncoderStack` arrays.
-    Returns (new x, attention probabilities [batch, heads, genes, genes]).
+    x: [batch, genes, hidden]; params: this layer's slice of `EncoderStack` arrays;
+    attention_mask: [batch, genes] (1 gene, 0 padding). Returns (new x, attention probabilities
+    [batch, heads, genes, genes] if `return_probs` and `config.attention` materialises them, else None).
     """
     dtype = DTYPES[config.compute_dtype]
     rngs = jax.random.split(rng, 3) if rng is not None else (None, None, None)
@@ -263,8 +233,11 @@ def encoder_layer(x, params: dict, bias, rng, config: GLMConfig):
     k = _dense(x, params["key_kernel"], params["key_bias"], "bse,ehd->bshd", dtype)
     v = _dense(x, params["value_kernel"], params["value_bias"], "bse,ehd->bshd", dtype)
     q = sharding.constrain(q, ("act_batch", "act_genes", "act_heads", None))
-    probs = attention_probabilities(q, k, params["distance_embedding"], bias, config)
-    context = jnp.einsum("bhqk,bkhd->bqhd", dropout(probs, config.attention_dropout, rngs[0]).astype(dtype), v)
+    context, probs = attention(q, k, v, params["distance_embedding"], attention_mask,
+                               implementation=config.attention, max_positions=config.max_position_embeddings,
+                               clip_distances=config.clip_distances, relative=config.position_embedding_type,
+                               dropout_rate=config.attention_dropout, dropout_rng=rngs[0],
+                               return_probs=return_probs)
     attended = _dense(context, params["out_kernel"], params["out_bias"], "bshd,hde->bse", dtype)
     attended = dropout(attended, config.hidden_dropout, rngs[1])
     x = layer_norm(attended + x.astype(dtype), params["attention_norm_scale"], params["attention_norm_bias"],
@@ -303,17 +276,19 @@ class EncoderStack(nnx.Module):
         """{name: [layers, ...] array} of every stacked parameter."""
         return {name: value[...] for name, value in vars(self).items() if isinstance(value, nnx.Param)}
 
-    def __call__(self, x, bias, rng, config: GLMConfig, collect_hidden: bool, collect_attentions: bool):
-        """Runs every layer. x: [batch, genes, hidden].
+    def __call__(self, x, attention_mask, rng, config: GLMConfig, collect_hidden: bool, collect_attentions: bool):
+        """Runs every layer. x: [batch, genes, hidden]; attention_mask: [batch, genes].
 
-        Returns (last hidden state, per-layer outputs [layers, ...] or None, attentions or None).
+        Returns (last hidden state, per-layer outputs [layers, ...] or None, attentions or None;
+        None also when the attention implementation does not materialise probabilities).
         """
         params = self.arrays()
         layer_rngs = jax.random.split(rng, config.num_layers) if rng is not None else None
 
         def body(carry, layer_inputs):
             layer_params, layer_rng = layer_inputs
-            new_x, probs = encoder_layer(carry, layer_params, bias, layer_rng, config)
+            new_x, probs = encoder_layer(carry, layer_params, attention_mask, layer_rng, config,
+                                         return_probs=collect_attentions)
             return new_x, (new_x if collect_hidden else None, probs if collect_attentions else None)
 
         policy = REMAT_POLICIES[config.remat_policy]
@@ -383,18 +358,16 @@ class GLM(nnx.Module):
         if inputs_embeds.shape[-1] != config.emb_dim:
             raise ValueError(f"inputs_embeds has {inputs_embeds.shape[-1]} features per gene; "
                              f"the model expects emb_dim={config.emb_dim}")
-        if inputs_embeds.shape[1] > config.max_position_embeddings:
-            raise ValueError(f"{inputs_embeds.shape[1]} genes exceed max_position_embeddings="
-                             f"{config.max_position_embeddings}")
+        kernels.check_length(inputs_embeds.shape[1], config.max_position_embeddings, config.clip_distances)
         embed_rng, encoder_rng = (jax.random.split(dropout_rng) if dropout_rng is not None else (None, None))
         embedded = self.embed(inputs_embeds, embed_rng)
-        x, hidden, attentions = self.encoder(embedded, padding_bias(attention_mask), encoder_rng, config,
+        x, hidden, attentions = self.encoder(embedded, attention_mask, encoder_rng, config,
                                              output_hidden_states, output_attentions)
         predictions, logits = self.head(x)
         hidden_states = None
         if output_hidden_states:
             hidden_states = jnp.concatenate([embedded[None], hidden], axis=0).swapaxes(0, 1)
-        if output_attentions:
+        if attentions is not None:
             attentions = attentions.swapaxes(0, 1)
         return GLMOutput(last_hidden_state=x, predictions=predictions, logits=logits,
                          hidden_states=hidden_states, attentions=attentions)
