@@ -7,10 +7,12 @@ input .npz:   inputs_embeds [batch, genes, emb_dim], attention_mask [batch, gene
               (the original's `embeds` / `label_embeds` names are accepted)
 output .npz:  last_hidden_state [batch, genes, hidden]
               hidden_states     [batch, layers + 1, genes, hidden]
-              attentions        [batch, layers, heads, genes, genes]
+              attentions        [batch, layers, heads, genes, genes]   (*)
               predictions       [batch, genes, num_pred, num_pc]
               probabilities     [batch, genes, num_pred]   softmax of the hypothesis logits
-              contacts          [batch, genes, genes, layers * heads]
+              contacts          [batch, genes, genes, layers * heads]  (*)
+              (*) only with an attention implementation that materialises probabilities
+              (`--attention reference` or `xla_shifted`); the printed summary says what was written.
               with labels: loss, mse, ce (the training objective), closest [batch, genes],
               pseudo_accuracy, absolute_accuracy, mean_confidence, confident_fraction,
               confident_accuracy (over masked genes)
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from glm_jax import kernels
 from glm_jax.model import objective
 from glm_jax.model.batch import validate_batch
 from glm_jax.model.glm import GLM, contacts_from_attentions
@@ -43,11 +46,11 @@ def _forward(model: GLM, inputs_embeds, attention_mask, masked, labels, *, with_
     result = {
         "last_hidden_state": out.last_hidden_state.astype(jnp.float32),
         "hidden_states": out.hidden_states.astype(jnp.float32),
-        "attentions": out.attentions,
         "predictions": out.predictions,
         "probabilities": jax.nn.softmax(out.logits, axis=-1),
-        "contacts": contacts_from_attentions(out.attentions),
     }
+    if out.attentions is not None:  # None: the attention implementation keeps no probabilities
+        result.update(attentions=out.attentions, contacts=contacts_from_attentions(out.attentions))
     if with_labels:
         labels = objective.clip_labels(labels, label_clip)
         terms = objective.multi_hypothesis_loss(out.predictions, out.logits, labels, masked,
@@ -55,6 +58,26 @@ def _forward(model: GLM, inputs_embeds, attention_mask, masked, labels, *, with_
         result.update(loss=terms.loss, mse=terms.mse, ce=terms.ce, closest=terms.closest)
         result["metric_sums"] = objective.masked_gene_metrics(out.predictions, out.logits, labels, masked)
     return result
+
+
+def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
+    """--attention and --clip-distances, for every command that runs a model."""
+    parser.add_argument("--attention", choices=tuple(kernels.IMPLEMENTATIONS), default=None,
+                        help="attention implementation (default: the checkpoint's, normally 'reference'); "
+                             "only reference and xla_shifted return attention maps")
+    parser.add_argument("--clip-distances", action="store_true", default=None,
+                        help="gene distances beyond the model's max_position_embeddings - 1 use the "
+                             "distance table's end rows (Shaw et al. 2018), so contigs of any length run")
+
+
+def model_changes(args: argparse.Namespace) -> dict:
+    """GLMConfig changes asked for by --dtype, --attention and --clip-distances."""
+    changes = {"compute_dtype": args.dtype}
+    if args.attention is not None:
+        changes["attention"] = args.attention
+    if args.clip_distances:
+        changes["clip_distances"] = True
+    return changes
 
 
 def _minibatches(n: int, size: int) -> Iterator[slice]:
@@ -130,17 +153,22 @@ def forward_main(argv) -> int:
                         help="clip labels to +-value before the loss; 0 (default) passes them as given, like "
                              "the original model's forward; its train.py clips at 10")
     parser.add_argument("--reduction", default="all_positions", choices=objective.REDUCTIONS)
+    add_attention_arguments(parser)
     args = parser.parse_args(argv)
-    model = load_any_model(args.checkpoint, compute_dtype=args.dtype)
-    result = forward(model, read_npz(args.input), batch_size=args.batch_size, label_clip=args.label_clip, source=args.input,
-                     reduction=args.reduction)
+    model = load_any_model(args.checkpoint, **model_changes(args))
+    result = forward(model, read_npz(args.input), batch_size=args.batch_size, label_clip=args.label_clip,
+                     source=args.input, reduction=args.reduction)
     output = pathlib.Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp.npz")
     np.savez(tmp, **result)
     tmp.replace(output)
-    summary = ", ".join(f"{k}={float(result[k]):.4f}" for k in ("loss", "pseudo_accuracy") if k in result)
-    print(f"wrote {output}: {result['last_hidden_state'].shape[0]} contigs {summary}")
+    summary = "".join(f", {k}={float(result[k]):.4f}" for k in ("loss", "pseudo_accuracy") if k in result)
+    missing = [key for key in OUTPUT_KEYS if key not in result]
+    not_written = (f"; not written: {', '.join(missing)} (attention {model.config.attention!r} keeps no "
+                   "probabilities; use --attention reference or xla_shifted)") if missing else ""
+    print(f"wrote {output}: {result['last_hidden_state'].shape[0]} contigs{summary}; "
+          f"arrays: {', '.join(key for key in OUTPUT_KEYS if key in result)}{not_written}")
     return 0
 
 
@@ -192,8 +220,9 @@ def embed_main(argv) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--all-layers", action="store_true", help="also write every layer's hidden state")
+    add_attention_arguments(parser)
     args = parser.parse_args(argv)
-    model = load_any_model(args.checkpoint, compute_dtype=args.dtype)
+    model = load_any_model(args.checkpoint, **model_changes(args))
     reader = ShardReader(args.shards, batch_size=args.batch_size, split=args.split, shuffle=False, num_epochs=1,
                          drop_remainder=False, include_metadata=True)
     result = embed_windows(model, tqdm(reader, desc="embed", unit="batch"), all_layers=args.all_layers)

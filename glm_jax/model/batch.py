@@ -40,9 +40,10 @@ def validate_batch(batch: dict, config: GLMConfig, *, source: str = "batch", bat
     b, s, _ = inputs.shape
     if batch_size is not None and b != batch_size:
         raise BatchError(f"{source}: {b} windows per batch, expected {batch_size}")
-    if s > config.max_position_embeddings:
+    if s > config.max_position_embeddings and not config.clip_distances:
         raise BatchError(f"{source}: {s} genes per contig; the model's distance table covers "
-                         f"{config.max_position_embeddings} (max_position_embeddings)")
+                         f"{config.max_position_embeddings} (max_position_embeddings; clip_distances "
+                         "lifts the limit)")
     mask = np.asarray(batch["attention_mask"], np.float32)
     if mask.shape != (b, s):
         raise BatchError(f"{source}: attention_mask must be [{b}, {s}], got {list(mask.shape)}")

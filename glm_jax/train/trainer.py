@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from glm_jax import sharding
+from glm_jax import kernels, sharding
 from glm_jax.train import flops
 from glm_jax.train import metrics_log
 from glm_jax.model import objective
@@ -291,6 +291,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optio
     devices: the mesh's devices (default: all of every host).
     """
     model_config = config_from_dict_like(config.model)
+    kernels.check_dropout(model_config.attention, model_config.attention_dropout)
     if model_config.compute_dtype == "float16":
         raise ValueError("compute_dtype float16 needs loss scaling, which glm-jax does not implement; "
                          "train in bfloat16 (same speed, float32 range) or float32")
