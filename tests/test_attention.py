@@ -233,7 +233,10 @@ def test_xla_shifted_dropout_draws_the_reference_masks():
     assert float(jnp.abs(expected - without).max()) > 1e-2
 
 
-@pytest.mark.parametrize("name", [n for n in kernels.IMPLEMENTATIONS if _available(n) and not kernels.supports_dropout(n)])
+WITHOUT_DROPOUT = [name for name in kernels.IMPLEMENTATIONS if _available(name) and not kernels.supports_dropout(name)]
+
+
+@pytest.mark.parametrize("name", WITHOUT_DROPOUT)
 def test_dropout_is_refused_where_unsupported(name):
     inputs = random_inputs(1, 10, 16)
     with pytest.raises(kernels.AttentionConfigError, match=rf"{name!r} has no attention dropout.*attention_dropout=0"):
