@@ -53,14 +53,17 @@ def _keep_scale(rng, query_block, key_block, shape, rate: float):
     return jax.random.bernoulli(key, 1.0 - rate, shape).astype(jnp.float32) / (1.0 - rate)
 
 
+@functools.partial(jax.jit, static_argnames=("batch", "heads", "num_genes", "rate", "block_size"))
 def dense_dropout_mask(rng, batch: int, heads: int, num_genes: int, rate: float,
                        block_size: int = DEFAULT_BLOCK_SIZE) -> jax.Array:
     """The keep mask `attention` draws, as [batch, heads, genes, genes] of 0 / (1 / (1 - rate)) (for tests)."""
     block = min(block_size, num_genes)
-    n = -(-num_genes // block)
-    rows = [jnp.concatenate([_keep_scale(rng, i, j, (batch, heads, block, block), rate) for j in range(n)], -1)
-            for i in range(n)]
-    return jnp.concatenate(rows, -2)[..., :num_genes, :num_genes]
+    blocks = jnp.arange(-(-num_genes // block))
+    per_block = jax.vmap(lambda i: jax.vmap(lambda j: _keep_scale(rng, i, j, (batch, heads, block, block), rate))(
+        blocks))(blocks)  # [query blocks, key blocks, batch, heads, block, block]
+    side = len(blocks) * block
+    dense = per_block.transpose(2, 3, 0, 4, 1, 5).reshape(batch, heads, side, side)
+    return dense[..., :num_genes, :num_genes]
 
 
 def _blocks(x, block: int):
