@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import resource
 import sys
 import time
@@ -31,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.recorder import cpu_model  # noqa: E402
 from glm_jax.model.glm import GLMConfig, count_parameters, create_model  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def main() -> None:
         "parameters": count_parameters(model), "compute_dtype": config.compute_dtype,
         "peak_rss_mib_before_forward": round(rss_before, 1), "peak_rss_mib": round(peak_rss_mib(), 1),
         "first_call_seconds_incl_compile": round(seconds, 1), "platform": jax.default_backend(),
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 1), "jax": jax.__version__,
     }
     print(json.dumps(result))
