@@ -372,3 +372,13 @@ def test_training_with_blockwise_follows_the_reference_losses(tmp_path):
     with pytest.raises(kernels.AttentionConfigError, match=r"'fused' has no attention dropout but attention_dropout=0.1"):
         run(config, tmp_path / "fused")
     assert not (tmp_path / "fused").exists()
+
+
+def test_infer_options_follow_the_implementation_and_clipping():
+    from glm_jax.inference import genome
+
+    genome.InferenceOptions(window=64, attention="pairs", attention_impl="xla_shifted").check(2, 32, clip_distances=True)
+    with pytest.raises(genome.InferenceInputError, match=r"window 64 exceeds .* 32 \(--clip-distances"):
+        genome.InferenceOptions(window=64).check(2, 32)
+    with pytest.raises(genome.InferenceInputError, match=r"--attention pairs needs attention maps.*'blockwise'"):
+        genome.InferenceOptions(window=30, attention="pairs", attention_impl="blockwise").check(2, 32)

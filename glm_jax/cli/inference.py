@@ -56,7 +56,12 @@ def infer_main(argv: list[str]) -> int:
                                                                         "maps: whole per-window attention")
     parser.add_argument("--esm2", dest="include_esm2", action="store_true",
                         help="add the raw mean-pooled ESM2 embedding of each gene (column esm2)")
-    parser.add_argument("--attention-impl", default="reference", help="attention implementation")
+    from glm_jax import kernels
+    parser.add_argument("--attention-impl", default="reference", choices=tuple(kernels.IMPLEMENTATIONS),
+                        help="attention implementation (only reference and xla_shifted keep attention maps)")
+    parser.add_argument("--clip-distances", action="store_true",
+                        help="gene distances beyond the model's max_position_embeddings - 1 use the distance "
+                             "table's end rows (Shaw et al. 2018), so windows of any length run")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -71,8 +76,8 @@ def infer_main(argv: list[str]) -> int:
             feature_transform=transform, window=args.window, stride=args.stride, batch_size=args.batch_size,
             layers=args.layers, hypotheses=args.hypotheses, context_only=args.context_only,
             attention=args.attention, include_esm2=args.include_esm2, attention_impl=args.attention_impl,
-            progress=not args.no_progress, contig_table=args.contig_table, shards_dir=args.shards,
-            chunk_windows=args.chunk_windows, compute_dtype=args.dtype)
+            clip_distances=args.clip_distances, progress=not args.no_progress, contig_table=args.contig_table,
+            shards_dir=args.shards, chunk_windows=args.chunk_windows, compute_dtype=args.dtype)
     except (ValueError, FileNotFoundError) as error:
         print(f"glm-jax infer: error: {error}", file=sys.stderr)
         return 1

@@ -51,7 +51,7 @@ from flax import nnx
 from glm_jax import files, sharding
 from glm_jax.data import features, genomes
 from glm_jax.model import objective
-from glm_jax.model.glm import GLM, GLMConfig
+from glm_jax.model.glm import GLM
 
 GENES_FILE, PAIRS_FILE, MANIFEST_FILE = "genes.parquet", "pairs.parquet", "manifest.json"
 PARTS_DIR, MAPS_DIR, WINDOWS_FILE = "parts", "maps", "windows.parquet"
@@ -82,14 +82,19 @@ class InferenceOptions:
     def step(self) -> int:
         return self.stride if self.stride is not None else max(1, self.window // 2)
 
-    def check(self, num_layers: int, max_positions: int) -> None:
+    def check(self, num_layers: int, max_positions: int, clip_distances: bool = False) -> None:
+        from glm_jax import kernels
         if not 1 <= self.step <= self.window:
             raise InferenceInputError(f"need 1 <= stride <= window, got window {self.window}, stride {self.stride}")
-        if self.window > max_positions:
+        if self.window > max_positions and not clip_distances:
             raise InferenceInputError(f"window {self.window} exceeds the checkpoint's max_position_embeddings "
-                                      f"{max_positions}")
+                                      f"{max_positions} (--clip-distances lifts the limit)")
         if self.attention not in ATTENTION_MODES:
             raise InferenceInputError(f"attention must be one of pairs, maps or None, got {self.attention!r}")
+        if self.attention is not None and not kernels.returns_probs(self.attention_impl):
+            raise InferenceInputError(f"--attention {self.attention} needs attention maps, which attention "
+                                      f"implementation {self.attention_impl!r} does not keep; use reference or "
+                                      "xla_shifted")
         bad = [layer for layer in self.layers if not 0 <= layer <= num_layers]
         if bad:
             raise InferenceInputError(f"layers {bad} outside 0..{num_layers} (0: the embedding output, "
@@ -650,13 +655,14 @@ def _esm2_dimension(model_dir: pathlib.Path) -> int:
     return esm2.load_esm2(model_dir)[0].hidden_size
 
 
-def _attention_change(attention_impl: str) -> dict:
-    """The GLMConfig change that selects an attention implementation ("reference" needs none)."""
-    if attention_impl == "reference":
-        return {}
-    if "attention_impl" not in {f.name for f in dataclasses.fields(GLMConfig)}:
-        raise InferenceInputError(f"attention_impl {attention_impl!r}: this glm-jax has only the reference attention")
-    return {"attention_impl": attention_impl}
+def _attention_change(attention_impl: str, clip_distances: bool) -> dict:
+    """The GLMConfig changes that select an attention implementation and distance clipping."""
+    from glm_jax import kernels
+    try:
+        kernels.check_name(attention_impl)
+    except kernels.AttentionConfigError as error:
+        raise InferenceInputError(str(error)) from None
+    return {"attention": attention_impl, **({"clip_distances": True} if clip_distances else {})}
 
 
 def load_checkpoint(checkpoint, **config_changes) -> GLM:
@@ -670,7 +676,8 @@ def infer_genomes(genome_paths: Sequence[str | pathlib.Path], checkpoint: str | 
                   output_dir: str | pathlib.Path, *, esm2_dir=None, store_dir=None, feature_transform=None,
                   window: int = 30, stride: int | None = None, batch_size: int = 32, layers: Sequence[int] = (),
                   hypotheses: bool = False, context_only: bool = False, attention: str | None = None,
-                  include_esm2: bool = False, attention_impl: str = "reference", progress: bool = True,
+                  include_esm2: bool = False, attention_impl: str = "reference", clip_distances: bool = False,
+                  progress: bool = True,
                   contig_table=None, shards_dir=None, chunk_windows: int = 256, compute_dtype: str = "float32",
                   devices: Sequence[jax.Device] | None = None, log: Callable[[str], None] = print) -> pathlib.Path:
     """Per-gene gLM results of genomes (or of a make-shards directory, `shards_dir`) in
@@ -684,11 +691,12 @@ def infer_genomes(genome_paths: Sequence[str | pathlib.Path], checkpoint: str | 
     per gene) -> context_embedding (+ context_hypotheses/probabilities). attention: "pairs" ->
     pairs.parquet, "maps" -> maps/. include_esm2: the raw ESM2 vector. devices: default all local."""
     out_dir = pathlib.Path(output_dir)
-    model = load_checkpoint(checkpoint, compute_dtype=compute_dtype, **_attention_change(attention_impl))
+    model = load_checkpoint(checkpoint, compute_dtype=compute_dtype,
+                            **_attention_change(attention_impl, clip_distances))
     config = model.config
     options = InferenceOptions(window, stride, tuple(int(x) for x in layers), hypotheses, context_only, attention,
                                include_esm2, attention_impl, chunk_windows)
-    options.check(config.num_layers, config.max_position_embeddings)
+    options.check(config.num_layers, config.max_position_embeddings, config.clip_distances)
     if shards_dir is not None:
         if genome_paths:
             raise InferenceInputError("give genome files or a shards directory, not both")
