@@ -14,7 +14,7 @@ computes q @ window^T and k @ window^T ([B, 2B] each, matrix units) and moves ev
 needs no gather and no reshape, which keeps the kernel within what Triton lowers.
 
 Backward (custom_vjp) runs three kernels that recompute each tile's probabilities from the saved
-log-sum-exp: dq (one program per query block), dk/dv (one per key block) and d(window) (one per
+row max and sum: dq (one program per query block), dk/dv (one per key block) and d(window) (one per
 tile diagonal qb - kb: every tile on a diagonal reads the same window, so each program sums its
 diagonal without atomics; the overlapping windows are added into the table's gradient outside).
 
@@ -46,6 +46,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 RELATIVE_TYPES = ("relative_key_query", "relative_key", "none")
 DEFAULT_BLOCK = 32
@@ -61,6 +62,11 @@ class _Static:
     scale: float
     dropout_rate: float
     interpret: bool
+
+    @property
+    def compiler_params(self):
+        # Triton explicitly: jax 0.10 sends a plain pallas_call on GPU to Mosaic GPU by default
+        return None if self.interpret else pl_triton.CompilerParams(num_warps=4, num_stages=2)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -144,7 +150,7 @@ def _tile_scores(q, k, window_ref, bias, qi0, kj0, st: _Static, onehot):
     return s * st.scale + bias[None, :], window
 
 
-def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, o_ref, lse_ref, *, st: _Static):
+def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, o_ref, max_ref, sum_ref, *, st: _Static):
     b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_heads = pl.num_programs(1)
     block = st.block
@@ -174,13 +180,17 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, o_ref, 
             jnp.zeros(q.shape, jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, k_ref.shape[0] // block, body, init)
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log(l)
+    # the row max and sum, not their log-sum-exp: a contig of only padding has m = finfo.min, which
+    # would absorb log(l) (HF's finite mask makes such rows uniform, and so must the backward)
+    max_ref[...] = m
+    sum_ref[...] = l
 
 
-def _tile_grad_scores(seed, b, h, num_heads, q, k, v, do, lse, delta, window_ref, bias, qi0, kj0, st, onehot):
+def _tile_grad_scores(seed, b, h, num_heads, q, k, v, do, row_max, row_sum, delta, window_ref, bias, qi0, kj0, st,
+                      onehot):
     """Recomputes one tile and returns (dS = d loss / d pre-scale scores [i, j] float32, window)."""
     s, window = _tile_scores(q, k, window_ref, bias, qi0, kj0, st, onehot)
-    p = jnp.exp(s - lse[:, None])
+    p = jnp.exp(s - row_max[:, None]) / row_sum[:, None]
     dp = _dot(do, v, ((1,), (1,)))
     if st.dropout_rate > 0.0:
         shape = (st.block, st.block)
@@ -191,18 +201,18 @@ def _tile_grad_scores(seed, b, h, num_heads, q, k, v, do, lse, delta, window_ref
     return p * (dp - delta[:, None]) * st.scale, window
 
 
-def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, max_ref, sum_ref, delta_ref, dq_ref, *,
                st: _Static):
     b, h, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     block, qi0 = st.block, qb * st.block
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    q, do, row_max, row_sum, delta = q_ref[...], do_ref[...], max_ref[...], sum_ref[...], delta_ref[...]
     onehot = _onehot(block)
 
     def body(kb, dq):
         kj0 = kb * block
         k = k_ref[pl.ds(kj0, block), :]
         v = v_ref[pl.ds(kj0, block), :]
-        ds, window = _tile_grad_scores(seed_ref[0], b, h, pl.num_programs(1), q, k, v, do, lse, delta,
+        ds, window = _tile_grad_scores(seed_ref[0], b, h, pl.num_programs(1), q, k, v, do, row_max, row_sum, delta,
                                        window_ref, bias_ref[pl.ds(kj0, block)], qi0, kj0, st, onehot)
         dq += _dot(ds.astype(k.dtype), k)
         if window is not None:
@@ -213,7 +223,7 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, lse_
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, max_ref, sum_ref, delta_ref, dk_ref, dv_ref,
                  *, st: _Static):
     b, h, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     block, kj0 = st.block, kb * st.block
@@ -226,10 +236,11 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, ls
         qi0 = qb * block
         q = q_ref[pl.ds(qi0, block), :]
         do = do_ref[pl.ds(qi0, block), :]
-        lse = lse_ref[pl.ds(qi0, block)]
+        row_max = max_ref[pl.ds(qi0, block)]
+        row_sum = sum_ref[pl.ds(qi0, block)]
         delta = delta_ref[pl.ds(qi0, block)]
         s, _ = _tile_scores(q, k, window_ref, bias, qi0, kj0, st, onehot)
-        p = jnp.exp(s - lse[:, None])
+        p = jnp.exp(s - row_max[:, None]) / row_sum[:, None]
         dp = _dot(do, v, ((1,), (1,)))
         if st.dropout_rate > 0.0:
             shape = (block, block)
@@ -255,7 +266,7 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, ls
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dwindow_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, lse_ref, delta_ref, dwin_ref,
+def _dwindow_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, max_ref, sum_ref, delta_ref, dwin_ref,
                     *, st: _Static):
     """One program per (head, tile diagonal qb - kb): sums d(window) over the diagonal's tiles and
     over the batch. Refs hold every batch row: q/k/v/do [batch, genes, head_dim]."""
@@ -276,8 +287,8 @@ def _dwindow_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref,
         k = k_ref[b, pl.ds(kj0, block), :]
         v = v_ref[b, pl.ds(kj0, block), :]
         do = do_ref[b, pl.ds(qi0, block), :]
-        ds, _ = _tile_grad_scores(seed_ref[0], b, h, pl.num_programs(0), q, k, v, do, lse_ref[b, pl.ds(qi0, block)],
-                                  delta_ref[b, pl.ds(qi0, block)], window_ref, bias_ref[b, pl.ds(kj0, block)],
+        ds, _ = _tile_grad_scores(seed_ref[0], b, h, pl.num_programs(0), q, k, v, do, max_ref[b, pl.ds(qi0, block)],
+                                  sum_ref[b, pl.ds(qi0, block)],                                  delta_ref[b, pl.ds(qi0, block)], window_ref, bias_ref[b, pl.ds(kj0, block)],
                                   qi0, kj0, st, onehot)
         carry += _dot(_unskew_rows(ds, onehot).astype(q.dtype), q, ((0,), (0,)))
         if st.relative == "relative_key_query":
@@ -312,11 +323,12 @@ def _forward(st: _Static, seed, q, k, v, window_table, bias):
     return pl.pallas_call(
         functools.partial(_forward_kernel, st=st),
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, genes), jnp.float32),
                    jax.ShapeDtypeStruct((batch, heads, genes), jnp.float32)),
         grid=(batch, heads, genes // st.block),
         in_specs=[seed_spec, tile, whole, whole, window_spec, bias_spec],
-        out_specs=(tile, row_tile),
-        interpret=st.interpret,
+        out_specs=(tile, row_tile, row_tile),
+        interpret=st.interpret, compiler_params=st.compiler_params,
         name="glm_flash_forward",
     )(seed, q, k, v, window_table, bias)
 
@@ -327,33 +339,33 @@ def _flash(st: _Static, seed, q, k, v, window_table, bias):
 
 
 def _flash_fwd(st, seed, q, k, v, window_table, bias):
-    out, lse = _forward(st, seed, q, k, v, window_table, bias)
-    return out, (seed, q, k, v, window_table, bias, out, lse)
+    out, row_max, row_sum = _forward(st, seed, q, k, v, window_table, bias)
+    return out, (seed, q, k, v, window_table, bias, out, row_max, row_sum)
 
 
 def _flash_bwd(st, residuals, d_out):
-    seed, q, k, v, window_table, bias, out, lse = residuals
+    seed, q, k, v, window_table, bias, out, row_max, row_sum = residuals
     batch, genes, heads, dim = q.shape
     block = st.block
     # delta_i = sum_j P_ij dP_ij = dO_i . O_i (dropout included, since O used the dropped P)
     delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
     tile, whole, row_tile, row_whole = _specs(batch, genes, dim, block)
     seed_spec, window_spec, bias_spec = _common_specs(window_table.shape, genes)
-    operands = (seed, q, k, v, window_table, bias, d_out, lse, delta)
+    operands = (seed, q, k, v, window_table, bias, d_out, row_max, row_sum, delta)
     grid = (batch, heads, genes // block)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=grid,
-        in_specs=[seed_spec, tile, whole, whole, window_spec, bias_spec, tile, row_tile, row_tile],
-        out_specs=tile, interpret=st.interpret, name="glm_flash_dq",
+        in_specs=[seed_spec, tile, whole, whole, window_spec, bias_spec, tile, row_tile, row_tile, row_tile],
+        out_specs=tile, interpret=st.interpret, compiler_params=st.compiler_params, name="glm_flash_dq",
     )(*operands)
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st),
         out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
         grid=grid,
-        in_specs=[seed_spec, whole, tile, tile, window_spec, bias_spec, whole, row_whole, row_whole],
-        out_specs=(tile, tile), interpret=st.interpret, name="glm_flash_dkdv",
+        in_specs=[seed_spec, whole, tile, tile, window_spec, bias_spec, whole, row_whole, row_whole, row_whole],
+        out_specs=(tile, tile), interpret=st.interpret, compiler_params=st.compiler_params, name="glm_flash_dkdv",
     )(*operands)
     if st.relative == "none":
         d_table = jnp.zeros_like(window_table)
@@ -367,9 +379,9 @@ def _flash_bwd(st, residuals, d_out):
             grid=(heads, num_diagonals),
             in_specs=[pl.BlockSpec((1,), lambda *_: (0,)), every_batch, every_batch, every_batch,
                       pl.BlockSpec(window_table.shape, lambda *_: (0, 0)),
-                      pl.BlockSpec((batch, genes), lambda *_: (0, 0)), every_batch, every_row, every_row],
+                      pl.BlockSpec((batch, genes), lambda *_: (0, 0)), every_batch, every_row, every_row, every_row],
             out_specs=pl.BlockSpec((None, None, 2 * block, dim), lambda h, t: (h, t, 0, 0)),
-            interpret=st.interpret, name="glm_flash_dwindow",
+            interpret=st.interpret, compiler_params=st.compiler_params, name="glm_flash_dwindow",
         )(*operands).sum(0)
         # diagonal t's window covers extended rows [t*B, t*B + 2B): add the overlapping halves
         first, second = d_windows[:, :block], d_windows[:, block:]
