@@ -32,9 +32,9 @@ Platforms: `interpret=True` (chosen automatically on CPU) runs the kernels throu
 interpreter and is what the tests check, against the materialising reference. The GPU path
 (Triton lowering via `pl.pallas_call` + BlockSpecs) is written to the Triton lowering's
 constraints (2-D dots, power-of-two tensor shapes, no gathers) and its lowering to Triton IR is
-checked on CPU by the tests, but it has not been compiled or run on a GPU in this project. TPU
-(Mosaic) is not supported: the kernels index whole-sequence refs with dynamic `pl.ds` starts and
-use 3-D one-hot selects that Mosaic's layout rules do not accept as written.
+checked on CPU by the tests (jax.export for CUDA), but it has not been compiled or run on a GPU in
+this project. TPU (Mosaic) is not supported: the calls pass Triton compiler parameters, and a
+Mosaic version (whose block and layout rules differ) was neither written nor tried.
 """
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 RELATIVE_TYPES = ("relative_key_query", "relative_key", "none")
+RETURNS_PROBS = False  # the point of the kernel: no [batch, heads, genes, genes] array
+SUPPORTS_DROPOUT = True
 DEFAULT_BLOCK = 32
 _NEG_INF = float("-inf")
 
