@@ -1,6 +1,6 @@
 """The Pallas flash kernel (interpret mode on CPU) against the materialising attention.
 
-Reference: `glm.attention_probabilities` (HF's relative_key_query scores, full [S, S] softmax)
+Reference: the registry's `reference` (HF's relative_key_query scores, full [S, S] softmax)
 followed by probs @ v, and for clipped distances a jnp version written from the definition.
 Outputs within 1e-5 and gradients w.r.t. q, k, v and the distance table within 1e-4 (relative to
 the largest entry), with padded genes, at S = 30, an odd length and 1,024.
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from jax import export
 
-from glm_jax.kernels import pallas_flash
+from glm_jax import kernels
+from glm_jax.kernels import pallas_flash, reference
 from glm_jax.model import glm
 
 
@@ -28,12 +29,9 @@ def _inputs(batch, genes, heads, head_dim, max_positions, seed=0, dtype=jnp.floa
 
 
 def _reference(q, k, v, table, key_mask, max_positions, relative):
-    """HF relative_key_query attention as the model computes it today (materialised probs)."""
-    batch, genes, heads, head_dim = q.shape
-    config = glm.GLMConfig(hidden_size=heads * head_dim, num_heads=heads, max_position_embeddings=max_positions,
-                           max_genes=min(genes, max_positions), position_embedding_type=relative)
-    probs = glm.attention_probabilities(q, k, table, glm.padding_bias(key_mask), config)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    """HF relative_key_query attention, materialised probabilities."""
+    return reference.attention(q, k, v, table, key_mask, max_positions=max_positions, clip_distances=False,
+                               relative=relative)[0]
 
 
 def _clipped_reference(q, k, v, table, key_mask, max_positions):
@@ -78,18 +76,19 @@ def test_matches_reference_with_padding(genes, heads, head_dim, block):
         return pallas_flash.attention(q, k, v, table, key_mask, max_positions=genes, clip_distances=False,
                                       relative="relative_key_query", block_size=block)[0]
 
-    reference = lambda q, k, v, table: _reference(q, k, v, table, key_mask, genes, "relative_key_query")
+    expected = lambda q, k, v, table: _reference(q, k, v, table, key_mask, genes, "relative_key_query")
     _assert_close(jax.jit(lambda *a: _value_and_grads(kernel, *a, cotangent))(q, k, v, table),
-                  _value_and_grads(reference, q, k, v, table, cotangent))
+                  _value_and_grads(expected, q, k, v, table, cotangent))
 
 
+@pytest.mark.slow
 def test_relative_key_only_matches_reference():
     q, k, v, table, key_mask, cotangent = _inputs(2, 45, 2, 16, max_positions=64)
     kernel = lambda *a: pallas_flash.attention(*a, key_mask, max_positions=64, clip_distances=False,
                                                relative="relative_key", block_size=16)[0]
-    reference = lambda *a: _reference(*a, key_mask, 64, "relative_key")
+    expected = lambda *a: _reference(*a, key_mask, 64, "relative_key")
     _assert_close(_value_and_grads(kernel, q, k, v, table, cotangent),
-                  _value_and_grads(reference, q, k, v, table, cotangent))
+                  _value_and_grads(expected, q, k, v, table, cotangent))
 
 
 def test_no_relative_terms_matches_softmax_attention():
@@ -105,14 +104,15 @@ def test_clipped_distances_match_definition():
     q, k, v, table, key_mask, cotangent = _inputs(2, 70, 2, 16, max_positions=max_positions, seed=3)
     kernel = lambda *a: pallas_flash.attention(*a, key_mask, max_positions=max_positions, clip_distances=True,
                                                relative="relative_key_query", block_size=32)[0]
-    reference = lambda *a: _clipped_reference(*a, key_mask, max_positions)
+    expected = lambda *a: _clipped_reference(*a, key_mask, max_positions)
     _assert_close(_value_and_grads(kernel, q, k, v, table, cotangent),
-                  _value_and_grads(reference, q, k, v, table, cotangent))
+                  _value_and_grads(expected, q, k, v, table, cotangent))
 
 
-def test_longer_than_table_without_clipping_is_an_error():
+def test_registered_and_longer_than_table_without_clipping_is_an_error():
+    assert kernels.load("pallas") is pallas_flash
     q, k, v, table, key_mask, _ = _inputs(1, 20, 1, 16, max_positions=8)
-    with pytest.raises(ValueError, match="exceed max_positions 8"):
+    with pytest.raises(kernels.AttentionConfigError, match="exceed max_position_embeddings=8"):
         pallas_flash.attention(q, k, v, table, key_mask, max_positions=8, clip_distances=False,
                                relative="relative_key_query")
 
@@ -127,14 +127,13 @@ def test_dropout_applies_the_documented_mask_forward_and_backward():
     seed = jax.random.bits(rng, (1,), jnp.uint32)[0]
     keep = pallas_flash.dropout_keep_mask(seed, 2, heads, genes, rate)
 
-    def reference(q, k, v, table):
-        config = glm.GLMConfig(hidden_size=heads * 16, num_heads=heads, max_position_embeddings=genes,
-                               max_genes=genes)
-        probs = glm.attention_probabilities(q, k, table, glm.padding_bias(key_mask), config)
+    def dropped_reference(q, k, v, table):
+        probs = reference.attention_probabilities(q, k, table, key_mask, max_positions=genes,
+                                                  relative="relative_key_query")
         return jnp.einsum("bhqk,bkhd->bqhd", jnp.where(keep, probs / (1 - rate), 0.0), v)
 
     _assert_close(_value_and_grads(kernel, q, k, v, table, cotangent),
-                  _value_and_grads(reference, q, k, v, table, cotangent))
+                  _value_and_grads(dropped_reference, q, k, v, table, cotangent))
 
 
 def test_dropout_mask_keeps_the_expected_fraction_independently():
@@ -148,13 +147,29 @@ def test_dropout_mask_keeps_the_expected_fraction_independently():
     assert abs((keep_a[:, 0] == keep_a[:, 1]).mean() - 0.82) < 5e-3
 
 
+@pytest.mark.slow
 def test_bfloat16_stays_near_the_float32_reference():
     q, k, v, table, key_mask, _ = _inputs(2, 50, 2, 16, max_positions=50)
     out = pallas_flash.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), table, key_mask, max_positions=50,
                                  clip_distances=False, relative="relative_key_query", block_size=16)[0]
     assert out.dtype == jnp.bfloat16
-    reference = _reference(q, k, v, table, key_mask, 50, "relative_key_query")
-    np.testing.assert_allclose(np.asarray(out, np.float32), reference, atol=5e-2, rtol=0)
+    expected = _reference(q, k, v, table, key_mask, 50, "relative_key_query")
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=5e-2, rtol=0)
+
+
+def test_glm_with_pallas_attention_matches_reference_attention():
+    """The model through the registry: config.attention = "pallas" vs "reference", same weights."""
+    from flax import nnx
+
+    config = glm.GLMConfig(emb_dim=17, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                           max_position_embeddings=40, max_genes=40, num_pc=6)
+    model = glm.create_model(config)
+    inputs = jax.random.normal(jax.random.PRNGKey(1), (2, 40, 17))
+    mask = jnp.ones((2, 40)).at[1, 25:].set(0)
+    expected = model(inputs, mask).last_hidden_state
+    pallas_model = glm.create_model(config.replace(attention="pallas"))
+    nnx.update(pallas_model, nnx.state(model))
+    np.testing.assert_allclose(pallas_model(inputs, mask).last_hidden_state, expected, atol=1e-5, rtol=0)
 
 
 def test_kernels_lower_to_triton():

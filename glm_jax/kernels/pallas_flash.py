@@ -48,7 +48,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-RELATIVE_TYPES = ("relative_key_query", "relative_key", "none")
+from glm_jax import kernels
+
 RETURNS_PROBS = False  # the point of the kernel: no [batch, heads, genes, genes] array
 SUPPORTS_DROPOUT = True
 DEFAULT_BLOCK = 32
@@ -418,17 +419,16 @@ def attention(q, k, v, distance_table, key_mask, *, max_positions: int, clip_dis
     Returns context [batch, genes, heads, head_dim] in q.dtype and None.
     """
     del return_probs  # probabilities are never materialised here
-    if relative not in RELATIVE_TYPES:
-        raise ValueError(f"relative must be one of {RELATIVE_TYPES}, got {relative!r}")
+    if relative not in kernels.RELATIVE_TYPES:
+        raise kernels.AttentionConfigError(f"relative must be one of {kernels.RELATIVE_TYPES}, got {relative!r}")
     batch, genes, heads, dim = q.shape
     if relative != "none" and distance_table.shape != (2 * max_positions - 1, dim):
-        raise ValueError(f"distance_table shape {distance_table.shape} does not match "
+        raise kernels.AttentionConfigError(f"distance_table shape {distance_table.shape} does not match "
                          f"(2*max_positions-1, head_dim) = {(2 * max_positions - 1, dim)}")
-    if relative != "none" and not clip_distances and genes > max_positions:
-        raise ValueError(f"{genes} genes exceed max_positions {max_positions}: distances would fall off "
-                         f"the table (set clip_distances or a larger table)")
+    if relative != "none":
+        kernels.check_length(genes, max_positions, clip_distances)
     if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+        raise kernels.AttentionConfigError(f"block_size must be a power of two >= 16, got {block_size}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     rate = float(dropout_rate) if dropout_rng is not None else 0.0
