@@ -59,7 +59,6 @@ def attention_flops(batch: int, genes: int, heads: int, head_dim: int, with_back
 def make_call(module, genes: int, with_backward: bool):
     """A jitted call (q, k, v, table, key_mask[, cotangent]) of one implementation."""
     import jax
-    import jax.numpy as jnp
 
     def forward(q, k, v, table, key_mask):
         return module.attention(q, k, v, table, key_mask, max_positions=genes, clip_distances=False,
@@ -127,8 +126,8 @@ def run(args, recorder) -> None:
                                   shapes={"genes": genes, "heads": heads, "head_dim": head_dim,
                                           "pass": pass_name, "cap_gb": cap_gb})
                     if name == "pallas" and not accelerator:
-                        recorder.record(**common, status="skipped",
-                                        reason="Pallas runs in interpret mode on CPU: correct, not a performance number")
+                        recorder.record(**common, status="skipped", reason="Pallas runs in interpret mode on CPU: "
+                                                                           "correct, not a performance number")
                         continue
                     call = make_call(module, genes, with_backward)
                     arity = 6 if with_backward else 5

@@ -189,19 +189,22 @@ def _forward_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, o_ref, 
     sum_ref[...] = l
 
 
-def _tile_grad_scores(seed, b, h, num_heads, q, k, v, do, row_max, row_sum, delta, window_ref, bias, qi0, kj0, st,
-                      onehot):
-    """Recomputes one tile and returns (dS = d loss / d pre-scale scores [i, j] float32, window)."""
+def _tile_grads(seed, b, h, num_heads, q, k, v, do, row_max, row_sum, delta, window_ref, bias, qi0, kj0, st,
+                onehot):
+    """Recomputes one tile from the forward's row max and sum. Returns (dS = d loss / d pre-scale
+    scores [i, j] float32, the dropped probabilities that multiplied v [i, j], the window or None)."""
     s, window = _tile_scores(q, k, window_ref, bias, qi0, kj0, st, onehot)
     p = jnp.exp(s - row_max[:, None]) / row_sum[:, None]
     dp = _dot(do, v, ((1,), (1,)))
+    p_dropped = p
     if st.dropout_rate > 0.0:
         shape = (st.block, st.block)
         rows = qi0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
         cols = kj0 + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
         keep = _keep(seed, b, h, rows, cols, num_heads, st.dropout_rate)
+        p_dropped = jnp.where(keep, p / (1.0 - st.dropout_rate), 0.0)
         dp = jnp.where(keep, dp / (1.0 - st.dropout_rate), 0.0)
-    return p * (dp - delta[:, None]) * st.scale, window
+    return p * (dp - delta[:, None]) * st.scale, p_dropped, window
 
 
 def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, max_ref, sum_ref, delta_ref, dq_ref, *,
@@ -215,8 +218,8 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, max_
         kj0 = kb * block
         k = k_ref[pl.ds(kj0, block), :]
         v = v_ref[pl.ds(kj0, block), :]
-        ds, window = _tile_grad_scores(seed_ref[0], b, h, pl.num_programs(1), q, k, v, do, row_max, row_sum, delta,
-                                       window_ref, bias_ref[pl.ds(kj0, block)], qi0, kj0, st, onehot)
+        ds, _, window = _tile_grads(seed_ref[0], b, h, pl.num_programs(1), q, k, v, do, row_max, row_sum, delta,
+                                    window_ref, bias_ref[pl.ds(kj0, block)], qi0, kj0, st, onehot)
         dq += _dot(ds.astype(k.dtype), k)
         if window is not None:
             dq += _dot(_unskew_rows(ds, onehot).astype(window.dtype), window)
@@ -226,8 +229,8 @@ def _dq_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, max_
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, max_ref, sum_ref, delta_ref, dk_ref, dv_ref,
-                 *, st: _Static):
+def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, max_ref, sum_ref, delta_ref,
+                 dk_ref, dv_ref, *, st: _Static):
     b, h, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     block, kj0 = st.block, kb * st.block
     k, v = k_ref[...], v_ref[...]
@@ -242,24 +245,11 @@ def _dkdv_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref, ma
         row_max = max_ref[pl.ds(qi0, block)]
         row_sum = sum_ref[pl.ds(qi0, block)]
         delta = delta_ref[pl.ds(qi0, block)]
-        s, _ = _tile_scores(q, k, window_ref, bias, qi0, kj0, st, onehot)
-        p = jnp.exp(s - row_max[:, None]) / row_sum[:, None]
-        dp = _dot(do, v, ((1,), (1,)))
-        if st.dropout_rate > 0.0:
-            shape = (block, block)
-            rows = qi0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-            cols = kj0 + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-            keep = _keep(seed_ref[0], b, h, rows, cols, pl.num_programs(1), st.dropout_rate)
-            p_dropped = jnp.where(keep, p / (1.0 - st.dropout_rate), 0.0)
-            dp = jnp.where(keep, dp / (1.0 - st.dropout_rate), 0.0)
-        else:
-            p_dropped = p
+        ds, p_dropped, window = _tile_grads(seed_ref[0], b, h, pl.num_programs(1), q, k, v, do, row_max, row_sum,
+                                            delta, window_ref, bias, qi0, kj0, st, onehot)
         dv += _dot(p_dropped.astype(do.dtype), do, ((0,), (0,)))
-        ds = p * (dp - delta[:, None]) * st.scale
         dk += _dot(ds.astype(q.dtype), q, ((0,), (0,)))
         if st.relative == "relative_key_query":
-            start = qi0 - kj0 + window_ref.shape[0] // 2 - block
-            window = window_ref[pl.ds(start, 2 * block), :]
             dk += _dot(_unskew_cols(ds, onehot).astype(window.dtype), window)
         return dk, dv
 
@@ -290,9 +280,9 @@ def _dwindow_kernel(seed_ref, q_ref, k_ref, v_ref, window_ref, bias_ref, do_ref,
         k = k_ref[b, pl.ds(kj0, block), :]
         v = v_ref[b, pl.ds(kj0, block), :]
         do = do_ref[b, pl.ds(qi0, block), :]
-        ds, _ = _tile_grad_scores(seed_ref[0], b, h, pl.num_programs(0), q, k, v, do, max_ref[b, pl.ds(qi0, block)],
-                                  sum_ref[b, pl.ds(qi0, block)],                                  delta_ref[b, pl.ds(qi0, block)], window_ref, bias_ref[b, pl.ds(kj0, block)],
-                                  qi0, kj0, st, onehot)
+        rows = pl.ds(qi0, block)
+        ds, _, _ = _tile_grads(seed_ref[0], b, h, pl.num_programs(0), q, k, v, do, max_ref[b, rows], sum_ref[b, rows],
+                               delta_ref[b, rows], window_ref, bias_ref[b, pl.ds(kj0, block)], qi0, kj0, st, onehot)
         carry += _dot(_unskew_rows(ds, onehot).astype(q.dtype), q, ((0,), (0,)))
         if st.relative == "relative_key_query":
             carry += _dot(_unskew_cols(ds, onehot).astype(k.dtype), k, ((0,), (0,)))
