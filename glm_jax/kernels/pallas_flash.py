@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from glm_jax import kernels
+from glm_jax import kernels, sharding
 
 RETURNS_PROBS = False  # the point of the kernel: no [batch, heads, genes, genes] array
 SUPPORTS_DROPOUT = True
@@ -442,5 +442,29 @@ def attention(q, k, v, distance_table, key_mask, *, max_positions: int, clip_dis
     bias = jax.lax.stop_gradient(bias)
     st = _Static(block=block_size, relative=relative, scale=1.0 / math.sqrt(dim), dropout_rate=rate,
                  interpret=bool(interpret))
-    out = _flash(st, seed, q_p, k_p, v_p, window_table, bias)
+    mesh = sharding.active_mesh()
+    if mesh is None or mesh.size == 1:
+        out = _flash(st, seed, q_p, k_p, v_p, window_table, bias)
+    else:
+        out = _per_shard(st, mesh, seed, q_p, k_p, v_p, window_table, bias)
     return out[:, :genes, :, :dim], None
+
+
+def _per_shard(st: _Static, mesh, seed, q, k, v, window_table, bias):
+    """The kernels on each device's contigs and heads (shard_map over the active mesh).
+
+    A pallas_call has no SPMD partitioning rule: under jit, XLA would gather the whole batch onto
+    every device. Each shard hashes its own index into the dropout seed, so shards draw different
+    masks (not the masks of an unsharded call)."""
+    qkv_spec = sharding.logical_to_spec(("act_batch", None, "act_heads", None))
+    bias_spec = sharding.logical_to_spec(("act_batch", None))
+
+    def local(seed, q, k, v, window_table, bias):
+        shard = jnp.uint32(0)
+        for name in mesh.axis_names:
+            shard = shard * jnp.uint32(mesh.shape[name]) + jax.lax.axis_index(name).astype(jnp.uint32)
+        return _flash(st, _hash_uint32(seed + shard * jnp.uint32(0x9E3779B1)), q, k, v, window_table, bias)
+
+    replicated = jax.sharding.PartitionSpec()
+    return jax.shard_map(local, mesh=mesh, in_specs=(replicated, qkv_spec, qkv_spec, qkv_spec, replicated, bias_spec),
+                         out_specs=qkv_spec, check_vma=False)(seed, q, k, v, window_table, bias)
