@@ -11,12 +11,17 @@ inside the tile: the distances i - j of a tile with query rows [qi0, qi0+B) and 
 span qi0-kj0-B+1 .. qi0-kj0+B-1, so the tile loads those 2B table rows ("window", [2B, head_dim]),
 computes q @ window^T and k @ window^T ([B, 2B] each, matrix units) and moves every entry to its
 (i, j) place with a one-hot select-and-sum over the window axis (column i - j + B - 1): the skew
-needs no gather and no reshape, which keeps the kernel within what Triton lowers.
+needs no gather and no reshape, which keeps the kernel within what Triton lowers. Its price is
+B x B x 2B selects per tile and term on the vector units (2B/head_dim times the q.k matmul's
+multiply-adds, on slower units): the reason for the small default block (32), and the first
+thing to measure and replace (e.g. by a gather-load from a scratch buffer) on a GPU.
 
 Backward (custom_vjp) runs three kernels that recompute each tile's probabilities from the saved
 row max and sum: dq (one program per query block), dk/dv (one per key block) and d(window) (one per
 tile diagonal qb - kb: every tile on a diagonal reads the same window, so each program sums its
 diagonal without atomics; the overlapping windows are added into the table's gradient outside).
+Saved for the backward: q, k, v, the output and two [batch, heads, genes] float32 rows; the
+d(window) partials are [heads, 2 genes / B, 2B, head_dim] float32, linear in the genes.
 
 Outside the kernels, in plain JAX and linear in the number of genes: genes padded to a multiple
 of the block (padded keys get bias -inf, padded queries are dropped), head_dim zero-padded to a
@@ -24,6 +29,10 @@ power of two >= 16 (Triton's dot and tensor sizes need it), and the table "exten
 per distance -(S'-1)..S' of the padded length S' (row t is distance t - S' + 1, clipped to the
 table's last rows when clip_distances, Shaw et al. 2018); autodiff of that gather carries the
 window gradients back to the [2P-1, head_dim] table.
+
+Under an active mesh (`sharding.use_mesh`, as in training) the kernels run per device through
+shard_map over batch and heads: a pallas_call has no SPMD partitioning rule, so plain jit would
+gather the whole batch onto every device.
 
 Attention dropout uses a counter-based hash of (seed, batch, head, query, key), so the same keep
 mask is rebuilt in the backward kernels without storing it; `dropout_keep_mask` exposes it.
