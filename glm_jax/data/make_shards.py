@@ -37,6 +37,13 @@ class EmbeddingLookup(Protocol):
         """[n] protein sequences -> [n, D] float16 embeddings."""
 
 
+def padded_genes(window_size: int, multiple: int) -> int:
+    """Gene positions per stored window: `window_size` rounded up to a multiple of `multiple`."""
+    if multiple < 1:
+        raise ValueError(f"--pad-to-multiple must be >= 1, got {multiple}")
+    return -(-window_size // multiple) * multiple
+
+
 def split_of(window: Window, eval_fraction: float, split_by: str = "contig") -> str:
     """"eval" when a hash of the window's genome + contig (+ segment, split_by="window") falls
     below eval_fraction: deterministic, and independent of the other contigs in the corpus."""
@@ -115,12 +122,16 @@ def make_shards(genome_paths: Sequence[str | pathlib.Path], out_dir: str | pathl
                 transform_source: str = "", window: WindowConfig = WindowConfig(), eval_fraction: float = 0.1,
                 split_by: str = "contig", num_shards: int | None = None, shard_multiple: int = 8,
                 dtype: str = "float16", seed: int = 0, contig_table: str | None = None, num_components: int = 99,
-                progress: bool = True, log: Callable[[str], None] = print, extra_info: dict | None = None) -> dict:
+                progress: bool = True, log: Callable[[str], None] = print, extra_info: dict | None = None,
+                pad_to_multiple: int = 1) -> dict:
     """Genomes -> shards in `out_dir`; returns the dataset_info dict (also written as JSON).
 
     `embed(sequences)` embeds the distinct proteins (resumably) and returns their store;
-    `transform` None fits mean/std/PCA on this corpus."""
+    `transform` None fits mean/std/PCA on this corpus. Records hold `padded_genes(window.size,
+    pad_to_multiple)` gene positions (dataset_info max_genes), so attention kernels that work in
+    blocks of genes (pallas, blockwise) get lengths they need without padding every batch."""
     out_dir = pathlib.Path(out_dir)
+    max_genes = padded_genes(window.size, pad_to_multiple)
     corpus = genomes.read_genomes(genome_paths, contig_table)
     windows, report = contig_windows(corpus.contigs, window)
     summary = {"genomes": corpus.summary(), "windows": report.summary()}
@@ -148,20 +159,21 @@ def make_shards(genome_paths: Sequence[str | pathlib.Path], out_dir: str | pathl
                          f"({transform_source}); use a matching ESM2 model or fit a new normalisation")
     transform.save(out_dir / "normalization.npz")
     by_split = {name: [w for w in windows if split_of(w, eval_fraction, split_by) == name] for name in SPLITS}
-    bytes_per_window = window.size * (transform.emb_dim + transform.num_pc) * np.dtype(dtype).itemsize
+    bytes_per_window = max_genes * (transform.emb_dim + transform.num_pc) * np.dtype(dtype).itemsize
     split_info = {}
     for name, split_windows in by_split.items():
         if not split_windows:
             log(f"split {name}: no windows")
             continue
         count = num_shards or shards.choose_num_shards(len(split_windows), bytes_per_window, shard_multiple)
-        split_info[name] = write_split(out_dir, name, split_windows, store, transform, window.size, np.dtype(dtype),
+        split_info[name] = write_split(out_dir, name, split_windows, store, transform, max_genes, np.dtype(dtype),
                                        count, seed, progress=progress)
         log(f"split {name}: {len(split_windows)} windows, {split_info[name]['num_genes']} genes -> {count} shards")
-    info = {"emb_dim": transform.emb_dim, "num_pc": transform.num_pc, "max_genes": window.size, "dtype": dtype,
+    info = {"emb_dim": transform.emb_dim, "num_pc": transform.num_pc, "max_genes": max_genes, "dtype": dtype,
             "embedding_dim": embedding_dim, "splits": split_info, "seed": seed,
             "normalization": {"file": "normalization.npz", "source": transform_source, "n_samples": transform.n_samples},
-            "window": {"size": window.size, "min_genes": window.minimum, "stride": window.step},
+            "window": {"size": window.size, "min_genes": window.minimum, "stride": window.step,
+                       "pad_to_multiple": pad_to_multiple, "padded_genes": max_genes},
             "split": {"eval_fraction": eval_fraction, "by": split_by},
             "sources": [str(p) for p in genome_paths], "summary": summary, **(extra_info or {})}
     shards.write_dataset_info(out_dir, info)
@@ -207,6 +219,9 @@ def make_shards_main(argv: Sequence[str]) -> int:
     p.add_argument("--window", type=int, default=30, help="genes per window")
     p.add_argument("--min-genes", type=int, help="keep windows with >= this many genes (default: > window/2)")
     p.add_argument("--stride", type=int, help="gene offset between windows (default: --window, no overlap)")
+    p.add_argument("--pad-to-multiple", type=int, default=1,
+                   help="store windows padded to a multiple of this many genes (e.g. 128 for --window 4000 "
+                        "-> 4096, the block sizes of attention kernels); recorded as max_genes")
     p.add_argument("--eval-fraction", type=float, default=0.1)
     p.add_argument("--split-by", choices=("contig", "window"), default="contig",
                    help="unit of the train/eval split (window: for corpora of a few long contigs)")
@@ -224,7 +239,8 @@ def make_shards_main(argv: Sequence[str]) -> int:
                     window=WindowConfig(args.window, args.min_genes, args.stride), eval_fraction=args.eval_fraction,
                     split_by=args.split_by, num_shards=args.num_shards, shard_multiple=args.shard_multiple,
                     dtype=args.dtype, seed=args.seed, contig_table=args.contig_table,
-                    num_components=args.num_components, progress=not args.no_progress, extra_info=esm_info)
+                    num_components=args.num_components, progress=not args.no_progress, extra_info=esm_info,
+                    pad_to_multiple=args.pad_to_multiple)
     except (genomes.GenomeFormatError, ValueError, FileNotFoundError) as error:
         print(f"glm-jax make-shards: error: {error}", file=sys.stderr)
         return 1

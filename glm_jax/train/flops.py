@@ -91,3 +91,41 @@ def memory_per_device_bytes(config: GLMConfig, batch_per_device: int, genes: int
     per_contig_layer = genes * per_gene + 3 * config.num_heads * genes * genes * 4
     activations = config.num_layers * batch_per_device * per_contig_layer
     return {"state": state, "activations": activations, "total": state + activations}
+
+
+def compiled_train_memory_bytes(config, batch_per_device: int) -> dict[str, int]:
+    """XLA's memory analysis of one device's training step, compiled on abstract shapes (nothing
+    is allocated) for the default backend: the whole train state (data parallel: parameters
+    replicated) and `batch_per_device` contigs of `config.model.max_genes` genes.
+
+    `config`: a full training config (model, optimizer, objective, train). Returns the analysis'
+    argument, output, temp and alias bytes, and total = argument + output + temp - alias (the
+    state is donated, so its outputs reuse the argument buffers), what the step holds at its peak.
+    """
+    import functools
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from glm_jax.model.glm import config_from_dict_like, create_model
+    from glm_jax.train import optim, trainer
+
+    model = config_from_dict_like(config.model)
+    tx, schedule = optim.create_optimizer(config.optimizer, config.train.num_steps)
+    abstract_model = nnx.eval_shape(lambda: create_model(model))
+    params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+    state = trainer.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                               opt_state=jax.eval_shape(tx.init, params))
+    b, s = batch_per_device, model.max_genes
+    batch = {"inputs_embeds": jax.ShapeDtypeStruct((b, s, model.emb_dim), jnp.float32),
+             "labels": jax.ShapeDtypeStruct((b, s, model.num_pc), jnp.float32),
+             "attention_mask": jax.ShapeDtypeStruct((b, s), jnp.int32)}
+    step = jax.jit(functools.partial(trainer.train_step, graphdef=nnx.graphdef(abstract_model), tx=tx,
+                                     schedule=schedule, obj=trainer.ObjectiveConfig.from_config(config.objective),
+                                     accumulation_steps=config.train.accumulation_steps), donate_argnums=0)
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    stats = step.lower(state, batch, rng).compile().memory_analysis()
+    out = {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
+           "temp": stats.temp_size_in_bytes, "alias": stats.alias_size_in_bytes}
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return {k: int(v) for k, v in out.items()}
