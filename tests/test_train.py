@@ -123,7 +123,7 @@ def test_float16_training_is_refused(tmp_path):
 def test_data_that_does_not_fit_the_model_is_refused(tmp_path):
     config = tiny_config()
     config.model.emb_dim = 65
-    with pytest.raises(ValueError, match="emb_dim 33"):
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \[batch, genes, 65\] for this model \(emb_dim 65\), got \[16, 30, 33\]"):
         train.train_and_evaluate(config, tmp_path, train_data=readers(tiny_config())[0])
 
 
