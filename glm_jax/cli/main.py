@@ -17,6 +17,10 @@ COMMANDS = {
     "train": ("glm_jax.train.trainer", "train_main", "train gLM (any mesh, resumable)"),
     "embed": ("glm_jax.inference.predict", "embed_main", "gene embeddings / predictions of a trained model on shards"),
     "infer": ("glm_jax.cli.inference", "infer_main", "genomes -> per-gene embeddings, hypotheses, attention (parquet)"),
+    "operons": ("glm_jax.cli.analysis", "operons_main", "operon prediction from attention: fit | evaluate | predict"),
+    "probe": ("glm_jax.cli.analysis", "probe_main", "linear probes of gene labels per layer vs raw ESM2"),
+    "hypotheses": ("glm_jax.cli.analysis", "hypotheses_main", "masked-gene hypotheses and their nearest real genes"),
+    "plot": ("glm_jax.cli.analysis", "plot_main", "figures: attention maps | embedding maps"),
 }
 
 

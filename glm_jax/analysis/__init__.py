@@ -1,0 +1,1 @@
+"""The paper's analyses on gene/pair tables: operons, linear probes, hypotheses and paralogs, plots."""
