@@ -43,6 +43,23 @@ def test_attention_plots_are_written(window, options, name):
         assert "gen3" in text and "gen9" in text  # genes labelled by name, padding left out
 
 
+def test_attention_map_from_an_inference_maps_directory(window):
+    """The inference output layout: maps/attention-NNNNN.npy [windows_in_chunk, layers, heads, S, S]
+    indexed by maps/windows.parquet (window, file, row, contig, start, num_genes, gene_ids)."""
+    (window / "maps").mkdir()
+    with np.load(window / "attn.npz") as f:
+        np.save(window / "maps" / "attention-00000.npy", f["attentions"])
+    pd.DataFrame({"window": [7, 8], "file": "attention-00000.npy", "row": [0, 1], "contig": "c", "start": [0, 0],
+                  "num_genes": [10, 6], "gene_ids": [[f"p{i}" for i in range(10)], [f"p{i}" for i in range(6)]]}
+                 ).to_parquet(window / "maps" / "windows.parquet")
+    out = window / "maps8.svg"
+    assert main(["plot", "attention", "--attention", str(window), "--index", "8", "--tables", str(window),
+                 "--labels", str(window / "operons.tsv"), "--output", str(out)]) == 0
+    assert "gen5" in out.read_text() and "gen6" not in out.read_text()  # num_genes=6: padding sliced off
+    with pytest.raises(ValueError, match="windows.parquet: no window 3"):
+        main(["plot", "attention", "--attention", str(window), "--index", "3", "--output", str(out)])
+
+
 def test_embedding_map_is_written_and_bad_input_is_named(window):
     for color_by in ("function", "ec_class"):
         out = window / f"emb_{color_by}.png"

@@ -59,3 +59,19 @@ def test_hypotheses_command_writes_a_table_and_rejects_a_foreign_transform(corpu
     other = fit_feature_transform([np.random.default_rng(1).normal(size=(50, 16))], num_components=5)
     with pytest.raises(tables.FeatureWidthError, match="transform is for 16-d embeddings, .* esm2 column is 12-d"):
         paralogs.nearest_genes(genes, other)
+
+
+def test_inference_columns_masked_hypotheses_and_model_labels_are_preferred(corpus):
+    """Inference tables carry the model's own labels (`label_embedding`) and, with each gene masked,
+    `context_hypotheses`/`context_probabilities`: used first, no feature transform needed."""
+    genes, transform, labels, _ = corpus
+    expected = paralogs.nearest_genes(genes, transform, neighbours=2)
+    label_embedding = list(np.concatenate([labels, np.full((40, 1), 0.5)], 1).astype(np.float32))
+    unmasked = genes.assign(hypotheses=list(np.zeros((40, 18), np.float32)))  # would point elsewhere
+    masked = unmasked.assign(label_embedding=label_embedding, context_hypotheses=genes["hypotheses"],
+                             context_probabilities=genes["probabilities"])
+    got = paralogs.nearest_genes(masked, None, neighbours=2)
+    pd.testing.assert_frame_equal(got.drop(columns="distance"), expected.drop(columns="distance"))
+    np.testing.assert_allclose(got["distance"], expected["distance"], atol=1e-5)
+    with pytest.raises(tables.TableError, match="no label_embedding column: pass the feature transform"):
+        paralogs.nearest_genes(genes, None)

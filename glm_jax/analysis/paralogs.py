@@ -2,10 +2,14 @@
 
 gLM predicts, for a masked gene, `num_pred` hypotheses in the label space (99 whitened PCs of the
 normalised ESM2 embedding + orientation) with a probability each. Placing every gene of a corpus
-in the same space (the checkpoint's feature transform applied to the gene's `esm2` column) shows
-which real proteins a hypothesis stands for: the masked gene itself, a paralog, or an
-interchangeable protein from another context. Distances are Euclidean over the PCs (the
-orientation dimension is left out: it only says which strand).
+in the same space shows which real proteins a hypothesis stands for: the masked gene itself, a
+paralog, or an interchangeable protein from another context. Distances are Euclidean over the
+PCs (the orientation dimension is left out: it only says which strand).
+
+Gene table columns: the masked-gene hypotheses `context_hypotheses`/`context_probabilities`
+(inference with each gene masked in turn), else the unmasked `hypotheses`/`probabilities`; corpus
+positions from `label_embedding` (the model's label of each gene), else computed from `esm2` with
+the checkpoint's feature transform.
 """
 from __future__ import annotations
 
@@ -18,8 +22,13 @@ from glm_jax.analysis import tables
 from glm_jax.data.features import FeatureTransform
 
 
-def corpus_labels(genes: pd.DataFrame, transform: FeatureTransform) -> np.ndarray:
+def corpus_labels(genes: pd.DataFrame, transform: FeatureTransform | None) -> np.ndarray:
     """[genes, K] every gene's label-space position (whitened PCs of its normalised ESM2 vector)."""
+    if "label_embedding" in genes.columns:
+        return tables.stack(genes, "label_embedding").astype(np.float64)[:, :-1]
+    if transform is None:
+        raise tables.TableError("gene table has no label_embedding column: pass the feature transform "
+                                "(--feature-transform) to place the genes' esm2 vectors in the label space")
     embeddings = tables.stack(genes, "esm2")
     if embeddings.shape[1] != transform.mean.shape[0]:
         raise tables.FeatureWidthError(f"the feature transform is for {transform.mean.shape[0]}-d embeddings, the gene "
@@ -29,15 +38,16 @@ def corpus_labels(genes: pd.DataFrame, transform: FeatureTransform) -> np.ndarra
 
 def hypotheses_of(genes: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """([genes, num_pred, num_pc] hypotheses, [genes, num_pred] probabilities) from the gene table."""
-    probabilities = tables.stack(genes, "probabilities").astype(np.float64)
-    flat = tables.stack(genes, "hypotheses").astype(np.float64)
+    prefix = "context_" if "context_hypotheses" in genes.columns else ""
+    probabilities = tables.stack(genes, f"{prefix}probabilities").astype(np.float64)
+    flat = tables.stack(genes, f"{prefix}hypotheses").astype(np.float64)
     num_pred = probabilities.shape[1]
     if flat.shape[1] % num_pred:
         raise tables.TableError(f"hypotheses width {flat.shape[1]} is not a multiple of num_pred {num_pred}")
     return flat.reshape(len(genes), num_pred, -1), probabilities
 
 
-def nearest_genes(genes: pd.DataFrame, transform: FeatureTransform, *, gene_ids: Sequence[str] | None = None,
+def nearest_genes(genes: pd.DataFrame, transform: FeatureTransform | None = None, *, gene_ids: Sequence[str] | None = None,
                   top_hypotheses: int | None = None, neighbours: int = 5) -> pd.DataFrame:
     """One row per (masked gene, hypothesis, neighbour), hypotheses by falling probability:
     gene_id, product, hypothesis_rank (1 = most probable), probability, distance_to_self (of

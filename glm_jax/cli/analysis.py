@@ -22,8 +22,16 @@ def _source_arguments(parser: argparse.ArgumentParser, checkpoint_help: str = "r
     parser.add_argument("--checkpoint", help=f"model directory or training workdir: {checkpoint_help}")
     parser.add_argument("--esm2-dir", help="ESM2 model directory (default: the one `glm-jax fetch-esm2` caches)")
     parser.add_argument("--store-dir", help="ESM2 embedding store (reused, extended with missing proteins)")
-    parser.add_argument("--feature-transform", help="normalisation + PCA npz of the checkpoint's training data")
+    parser.add_argument("--feature-transform", help="normalisation (+ PCA) npz of the checkpoint's features "
+                                                    "(default: the checkpoint's own)")
+    parser.add_argument("--pca", help="sklearn PCA npz, when --feature-transform is the original's norm.npz")
     parser.add_argument("--window", type=int, default=30, help="genes per window when running the model")
+
+
+def _feature_transform(args):
+    from glm_jax.data.features import load_feature_transform
+
+    return load_feature_transform(args.feature_transform, args.pca) if args.feature_transform else None
 
 
 def _infer(args, output_dir: pathlib.Path, name: str, **options) -> tuple:
@@ -33,7 +41,7 @@ def _infer(args, output_dir: pathlib.Path, name: str, **options) -> tuple:
     width, esm2_path = tables.esm2_width(args.esm2_dir)
     tables.check_feature_width(args.checkpoint, width, f"ESM2 at {esm2_path}")
     directory = infer_genomes(args.genome, args.checkpoint, output_dir / name, esm2_dir=args.esm2_dir,
-                              store_dir=args.store_dir, feature_transform=args.feature_transform,
+                              store_dir=args.store_dir, feature_transform=_feature_transform(args),
                               include_esm2=True, progress=False, **options)
     return tables.read_tables(directory)
 
@@ -75,7 +83,7 @@ def operons_main(argv) -> int:
     evaluate.add_argument("--no-context-tables", help="inference output of the model on 2-gene windows "
                                                       "(the context-free ablation) when --tables is used")
     evaluate.add_argument("--skip-ablation", action="store_true", help="do not run the context-free ablation")
-    fit.add_argument("--features", default="glm_attention", choices=operons.LEARNED_SETS)
+    fit.add_argument("--features", default="glm_attention", choices=("glm_attention", "distance_strand"))
     fit.add_argument("--output", required=True, help="predictor .npz")
     predict.add_argument("--predictor", required=True, help="predictor .npz (operons fit, or the original's)")
     predict.add_argument("--output", required=True, help="pair table (.tsv or .parquet)")
@@ -83,10 +91,11 @@ def operons_main(argv) -> int:
 
     output = pathlib.Path(args.output)
     work_dir = output if args.command == "evaluate" else output.parent
-    needs_attention = args.command == "evaluate" or getattr(args, "features", "") != "distance_strand"
     if args.command == "predict":
-        needs_attention = operons.load_predictor(args.predictor).feature_set != "distance_strand"
-    genes, pairs = _genes_and_pairs(args, work_dir, attention=needs_attention and bool(args.checkpoint))
+        feature_set = operons.load_predictor(args.predictor).feature_set
+    else:  # evaluate scores every set the inputs allow
+        feature_set = getattr(args, "features", "glm_attention")
+    genes, pairs = _genes_and_pairs(args, work_dir, attention=feature_set != "distance_strand")
     if args.command == "evaluate":
         no_context = None
         if args.no_context_tables:
@@ -175,23 +184,18 @@ def probe_main(argv) -> int:
 
 def hypotheses_main(argv) -> int:
     from glm_jax.analysis import paralogs
-    from glm_jax.data.features import load_feature_transform
 
     parser = argparse.ArgumentParser(prog="glm-jax hypotheses", description="top hypotheses of masked genes and the "
                                      "nearest real genes of the corpus in the label space")
     _source_arguments(parser, "run this gLM with each gene masked")
-    parser.add_argument("--pca", help="sklearn PCA npz, when --feature-transform is the original's norm.npz")
     parser.add_argument("--gene-id", action="append", help="masked gene(s) to report (default: all)")
     parser.add_argument("--top", type=int, default=None, help="hypotheses per gene (default: all)")
     parser.add_argument("--neighbours", type=int, default=5)
     parser.add_argument("--output", required=True, help="table (.tsv or .parquet)")
     args = parser.parse_args(argv)
-    if not args.feature_transform:
-        parser.error("--feature-transform is required: it places the corpus genes in the label space")
     output = pathlib.Path(args.output)
-    genes, _ = _genes_and_pairs(args, output.parent, hypotheses=True)
-    transform = load_feature_transform(args.feature_transform, args.pca)
-    table = paralogs.nearest_genes(genes, transform, gene_ids=args.gene_id, top_hypotheses=args.top,
+    genes, _ = _genes_and_pairs(args, output.parent, hypotheses=True, context_only=True)
+    table = paralogs.nearest_genes(genes, _feature_transform(args), gene_ids=args.gene_id, top_hypotheses=args.top,
                                    neighbours=args.neighbours)
     _write_table(table, output)
     print(f"{table['gene_id'].nunique()} genes, {len(table)} rows; wrote {output}")
@@ -204,6 +208,46 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _gene_name(genes, gene_id: str) -> str:
+    """The gene's /gene name, else its locus_tag, else its id (genes indexed by gene_id)."""
+    if gene_id in genes.index:
+        for column in ("gene", "locus_tag"):
+            if column in genes.columns and isinstance(genes.at[gene_id, column], str):
+                return genes.at[gene_id, column]
+    return gene_id
+
+
+def _read_attention(path: pathlib.Path, index: int) -> tuple:
+    """([layers, heads, genes, genes] attention of window `index`, its gene ids or None) from an
+    inference output directory (maps/windows.parquet + maps/attention-*.npy, read memory-mapped)
+    or an .npz with `attentions` [windows, layers, heads, genes, genes] and optional `gene_ids`."""
+    import numpy as np
+    import pandas as pd
+
+    if path.is_dir():
+        index_file = path / "maps" / "windows.parquet"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{index_file} not found: run inference with attention maps")
+        windows = pd.read_parquet(index_file)
+        match = windows[windows["window"] == index]
+        if match.empty:
+            raise ValueError(f"{index_file}: no window {index} (windows {windows['window'].min()}.."
+                             f"{windows['window'].max()})")
+        entry = match.iloc[0]
+        n = int(entry["num_genes"])
+        maps = np.load(path / "maps" / entry["file"], mmap_mode="r")[int(entry["row"])][:, :, :n, :n]
+        return np.asarray(maps, np.float32), [str(g) for g in entry["gene_ids"]]
+    if not path.is_file():
+        raise FileNotFoundError(f"attention file not found: {path}")
+    with np.load(path, allow_pickle=False) as f:
+        if "attentions" not in f.files:
+            raise ValueError(f"{path}: no 'attentions' array (has {f.files})")
+        if not 0 <= index < f["attentions"].shape[0]:
+            raise ValueError(f"{path}: --index {index} outside 0..{f['attentions'].shape[0] - 1}")
+        gene_ids = [str(g) for g in f["gene_ids"][index]] if "gene_ids" in f.files else None
+        return np.asarray(f["attentions"][index], np.float32), gene_ids
+
+
 def plot_main(argv) -> int:
     import numpy as np
 
@@ -213,9 +257,9 @@ def plot_main(argv) -> int:
     parser = argparse.ArgumentParser(prog="glm-jax plot", description="attention maps and embedding maps")
     commands = parser.add_subparsers(dest="command", required=True)
     attention = commands.add_parser("attention", help="attention of one window: a head, a mean, or a grid")
-    attention.add_argument("--attention", required=True, help=".npz with attentions [windows, layers, heads, genes, "
-                                                              "genes] (glm-jax forward's output) and optional gene_ids")
-    attention.add_argument("--index", type=int, default=0, help="window (row) of the npz")
+    attention.add_argument("--attention", required=True, help="inference output directory with maps/, or an .npz "
+                           "with attentions [windows, layers, heads, genes, genes] (forward's output) [+ gene_ids]")
+    attention.add_argument("--index", type=int, default=0, help="window number (maps/windows.parquet), or npz row")
     attention.add_argument("--tables", help="gene table directory, to name genes (gene, else locus_tag)")
     attention.add_argument("--labels", help="operon table: outline operons (needs gene_ids and --tables)")
     attention.add_argument("--layer", type=int, help="one layer (default: mean over layers)")
@@ -246,16 +290,7 @@ def plot_main(argv) -> int:
         print(f"wrote {args.output}")
         return 0
 
-    path = pathlib.Path(args.attention)
-    if not path.is_file():
-        raise FileNotFoundError(f"attention file not found: {path}")
-    with np.load(path, allow_pickle=False) as f:
-        if "attentions" not in f.files:
-            raise ValueError(f"{path}: no 'attentions' array (has {f.files})")
-        if not 0 <= args.index < f["attentions"].shape[0]:
-            raise ValueError(f"{path}: --index {args.index} outside 0..{f['attentions'].shape[0] - 1}")
-        maps = np.asarray(f["attentions"][args.index], np.float32)  # [layers, heads, genes, genes]
-        gene_ids = [str(g) for g in f["gene_ids"][args.index]] if "gene_ids" in f.files else None
+    maps, gene_ids = _read_attention(pathlib.Path(args.attention), args.index)
     names, operon_ids = None, None
     if gene_ids is not None:
         keep = [i for i, g in enumerate(gene_ids) if g]  # padding has an empty id
@@ -263,14 +298,15 @@ def plot_main(argv) -> int:
         names = gene_ids
         if args.tables:
             genes = tables.read_tables(args.tables)[0].set_index("gene_id")
-            column = "gene" if "gene" in genes.columns else "locus_tag" if "locus_tag" in genes.columns else None
-            names = [str(genes.at[g, column]) if column and g in genes.index else g for g in gene_ids]
+            names = [_gene_name(genes, g) for g in gene_ids]
             if args.labels:
-                table = labels_lib.read_operon_table(args.labels).set_index("locus_tag")["operon_id"]
-                operon_ids = [table.get(genes.at[g, "locus_tag"], "") if g in genes.index else "" for g in gene_ids]
+                operon_of = labels_lib.read_operon_table(args.labels).drop_duplicates("locus_tag")
+                operon_of = dict(zip(operon_of["locus_tag"], operon_of["operon_id"]))
+                tags = genes["locus_tag"] if "locus_tag" in genes.columns else {}
+                operon_ids = [operon_of.get(tags.get(g), "") for g in gene_ids]
     elif args.labels:
         parser.error("--labels needs gene_ids in the attention file and --tables")
-    title = f"{path.name} window {args.index}"
+    title = f"{pathlib.Path(args.attention).name} window {args.index}"
     if args.grid:
         plots.attention_grid(maps, args.output, layers=args.layers, heads=args.heads, operon_ids=operon_ids, title=title)
     else:
