@@ -109,10 +109,14 @@ def test_untrained_attention_does_not_beat_the_baselines(ecoli_genes, shared_dat
     features = composition_features(genes["protein"])
     model_genes, pairs = model_tables(genes, features, tiny_glm(features.shape[1] + 1, num_layers=2, num_heads=4))
     model_genes["esm2"] = list(features)  # composition stands in for ESM2 in the cosine baseline
-    report, _ = operons.evaluate(model_genes, shared_data / "ecoli" / "operons.tsv", attention_pairs=pairs)
+    summed = operons.LogisticModel(np.ones(8), -1.0)  # 2 layers x 4 heads; score = total attention
+    report, scores = operons.evaluate(model_genes, shared_data / "ecoli" / "operons.tsv", attention_pairs=pairs,
+                                      predictor=summed)
     ap = {name: entry["ap"] for name, entry in report["feature_sets"].items()}
-    assert report["pairs"] == 599 and set(ap) == {"distance_strand", "esm2_cosine", "glm_attention"}
+    assert report["pairs"] == 599 and set(ap) == {"distance_strand", "esm2_cosine", "glm_attention", "predictor"}
     assert ap["glm_attention"] < ap["distance_strand"] - 0.1, ap
+    total = np.stack(pairs.set_index("gene_id_a").loc[scores["gene_id_a"], "attention"]).sum(1)
+    np.testing.assert_allclose(scores["predictor"], 1 / (1 + np.exp(1.0 - total)), rtol=1e-6)
 
 
 def test_checkpoint_for_another_protein_model_is_rejected(tmp_path):

@@ -167,7 +167,8 @@ def evaluate(genes: pd.DataFrame, labels_path: str | pathlib.Path, *, attention_
     report = {"labels": str(labels_path), "pairs": int(len(pairs)), "pairs_without_attention": all_pairs - len(pairs),
               "positive_pairs": int(y.sum()), "positive_rate": float(y.mean()), "num_folds": num_folds,
               "folds": "contiguous blocks of pairs in genome order", "feature_sets": {}}
-    for name, values in feature_sets(genes, pairs).items():
+    available = feature_sets(genes, pairs)
+    for name, values in available.items():
         if name in ZERO_SHOT_SETS:
             score, method = values, "zero-shot score (no fitting)"
         else:
@@ -176,9 +177,9 @@ def evaluate(genes: pd.DataFrame, labels_path: str | pathlib.Path, *, attention_
         scores[name] = score
         report["feature_sets"][name] = _ap_entry(y, score, folds, method)
     if predictor is not None:
-        features = tables.stack(pairs, predictor.feature_set, "pair table") if predictor.feature_set != "distance_strand" \
-            else distance_strand_features(pairs)
-        scores["predictor"] = predictor.probabilities(features)
+        if predictor.feature_set not in available:
+            raise tables.TableError(f"the predictor uses {predictor.feature_set} features, which these tables lack")
+        scores["predictor"] = predictor.probabilities(available[predictor.feature_set])
         report["feature_sets"]["predictor"] = _ap_entry(y, scores["predictor"], folds,
                                                         f"given predictor on {predictor.feature_set}, zero-shot")
     return report, scores
