@@ -1,6 +1,7 @@
 """Linear probes: labels from GenBank qualifiers, metrics with intervals, grouped folds, the command."""
 import gzip
 import json
+import pathlib
 
 import numpy as np
 import pandas as pd
@@ -11,14 +12,12 @@ from glm_jax.analysis import labels, probes, tables
 from glm_jax.cli.main import main
 from helpers import composition_features, model_tables, tiny_glm
 
-PHAGE = "data/genomes/pharokka_SAOMS1_MW460250_standard.gbk.gz"
+PHAGE = pathlib.Path(__file__).resolve().parents[1] / "data/genomes/pharokka_SAOMS1_MW460250_standard.gbk.gz"
 
 
 @pytest.fixture(scope="module")
 def phage_tables():
-    from conftest import REPO_ROOT
-
-    genes = tables.genome_gene_table([REPO_ROOT / PHAGE])
+    genes = tables.genome_gene_table([PHAGE])
     features = composition_features(genes["protein"])
     genes, _ = model_tables(genes, features, tiny_glm(features.shape[1] + 1))
     genes["esm2"] = list(features)  # composition stands in for ESM2 (real ESM2 takes minutes here)

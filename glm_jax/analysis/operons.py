@@ -30,7 +30,6 @@ import pandas as pd
 from glm_jax.analysis import labels as labels_lib
 from glm_jax.analysis import tables
 
-LEARNED_SETS = ("glm_attention", "glm_attention_no_context", "distance_strand")
 ZERO_SHOT_SETS = ("esm2_cosine",)
 DISTANCE_CLIP_BP = (-200.0, 2000.0)
 
