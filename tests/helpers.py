@@ -18,16 +18,21 @@ def composition_features(proteins) -> np.ndarray:
     return out
 
 
+def tiny_config(emb_dim: int, num_layers: int = 2, num_heads: int = 2):
+    from glm_jax.model.glm import GLMConfig
+
+    return GLMConfig(emb_dim=emb_dim, hidden_size=16, num_layers=num_layers, num_heads=num_heads,
+                     intermediate_size=32, max_position_embeddings=32, num_pc=8, num_pred=3,
+                     hidden_dropout=0.0, attention_dropout=0.0)
+
+
 def tiny_glm(emb_dim: int, num_layers: int = 2, num_heads: int = 2, seed: int = 0):
     """A random (untrained) gLM small enough for any test."""
     from flax import nnx
 
-    from glm_jax.model.glm import GLM, GLMConfig
+    from glm_jax.model.glm import GLM
 
-    config = GLMConfig(emb_dim=emb_dim, hidden_size=16, num_layers=num_layers, num_heads=num_heads,
-                       intermediate_size=32, max_position_embeddings=32, num_pc=8, num_pred=3,
-                       hidden_dropout=0.0, attention_dropout=0.0)
-    return GLM(config, nnx.Rngs(seed))
+    return GLM(tiny_config(emb_dim, num_layers, num_heads), nnx.Rngs(seed))
 
 
 def model_tables(genes: pd.DataFrame, features: np.ndarray, model, window: int = 30, stride: int = 15):

@@ -27,6 +27,7 @@ import pathlib
 import numpy as np
 import pandas as pd
 
+from glm_jax import files
 from glm_jax.analysis import labels as labels_lib
 from glm_jax.analysis import tables
 
@@ -51,10 +52,8 @@ class LogisticModel:
         return 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid without overflow warnings
 
     def save(self, path: str | pathlib.Path) -> None:
-        def write(tmp: pathlib.Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, coef=self.coef, intercept=np.float64(self.intercept), feature_set=np.str_(self.feature_set))
-        tables.write_atomic(path, write)
+        files.savez_atomic(path, coef=self.coef, intercept=np.float64(self.intercept),
+                           feature_set=np.str_(self.feature_set))
 
 
 def load_predictor(path: str | pathlib.Path) -> LogisticModel:
@@ -198,8 +197,8 @@ def write_report(report: dict, scores: pd.DataFrame, output_dir: str | pathlib.P
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"report": output_dir / "operons.json", "scores": output_dir / "operon_scores.parquet",
              "plot": output_dir / "operons_pr.png"}
-    tables.write_atomic(paths["report"], lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
-    tables.write_atomic(paths["scores"], lambda tmp: scores.to_parquet(tmp, index=False))
+    files.write_text_atomic(paths["report"], json.dumps(report, indent=2) + "\n")
+    files.atomic_write(paths["scores"], lambda handle: scores.to_parquet(handle, index=False))
     curves = {name: scores[name].to_numpy() for name in report["feature_sets"]}
     plots.pr_curves(scores["label"].to_numpy(), curves, paths["plot"],
                     title=f"Operon pairs ({report['pairs']} pairs, {report['positive_rate']:.0%} positive)")

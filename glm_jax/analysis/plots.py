@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from glm_jax.analysis import tables
+from glm_jax import files
 
 FORMATS = ("png", "svg")
 
@@ -31,7 +31,7 @@ def _save(figure, path: str | pathlib.Path) -> pathlib.Path:
         raise ValueError(f"{path}: plots are written as {' or '.join(FORMATS)} (from the file name)")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return tables.write_atomic(path, lambda tmp: figure.savefig(tmp, format=fmt, dpi=110, bbox_inches="tight"))
+        return files.atomic_write(path, lambda handle: figure.savefig(handle, format=fmt, dpi=110, bbox_inches="tight"))
     finally:
         plt.close(figure)
 

@@ -13,9 +13,8 @@ is_phage, function, ...), optional `protein` (sequence), `esm2`, `embedding`, `l
 """
 from __future__ import annotations
 
-import os
 import pathlib
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,20 +29,6 @@ class TableError(ValueError):
 
 class FeatureWidthError(ValueError):
     """A checkpoint whose input width does not fit the protein embeddings in use."""
-
-
-def write_atomic(path: str | pathlib.Path, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
-    """`write(tmp)` then fsync + rename onto `path`: a failed run leaves no partial output."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def genome_gene_table(genome_paths: Sequence[str | pathlib.Path], contig_table: str | None = None) -> pd.DataFrame:
@@ -99,24 +84,11 @@ def stack(table: pd.DataFrame, column: str, where: str = "gene table") -> np.nda
 
 def read_tables(directory: str | pathlib.Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The gene table (and the pair table when present) of an inference output directory."""
+    from glm_jax.inference import genome
+
     directory = pathlib.Path(directory)
-    genes_path = directory / GENES_FILE
-    if not genes_path.is_file():
-        raise FileNotFoundError(f"{genes_path} not found: run `glm-jax infer` (or pass --genome)")
-    pairs_path = directory / PAIRS_FILE
-    return pd.read_parquet(genes_path), (pd.read_parquet(pairs_path) if pairs_path.is_file() else None)
-
-
-def with_pair_geometry(pairs: pd.DataFrame, genes: pd.DataFrame) -> pd.DataFrame:
-    """Adds distance/same_strand to a pair table that lacks them (the inference output's)."""
-    if {"distance", "same_strand"} <= set(pairs.columns):
-        return pairs
-    geometry = adjacent_pairs(genes)[["gene_id_a", "gene_id_b", "distance", "same_strand"]]
-    merged = pairs.merge(geometry, on=["gene_id_a", "gene_id_b"], how="left", validate="one_to_one")
-    if merged["distance"].isna().any():
-        bad = merged.loc[merged["distance"].isna(), "gene_id_a"].head(3).to_list()
-        raise TableError(f"pair table rows are not adjacent genes of the gene table (gene_id_a {bad})")
-    return merged
+    pairs = genome.read_pair_table(directory) if (directory / PAIRS_FILE).is_file() else None
+    return genome.read_gene_table(directory), pairs
 
 
 def attach_esm2(genes: pd.DataFrame, store_dir: str | pathlib.Path, esm2_dir: str | pathlib.Path | None = None,
@@ -136,7 +108,7 @@ def check_feature_width(checkpoint: str | pathlib.Path, esm2_dim: int, source: s
     checkpoint was trained on another protein model (e.g. ESM2-650M: 1281 vs ESM2-8M: 321)."""
     from glm_jax.model import checkpoint as model_checkpoint
 
-    config = model_checkpoint.load_config(checkpoint)
+    config = model_checkpoint.read_model_config(checkpoint)
     if config.emb_dim != esm2_dim + 1:
         raise FeatureWidthError(f"{checkpoint}: model emb_dim {config.emb_dim} needs {config.emb_dim - 1}-d protein "
                                 f"embeddings, but {source} gives {esm2_dim}-d ones")

@@ -12,6 +12,7 @@ import argparse
 import json
 import pathlib
 
+from glm_jax import files
 from glm_jax.analysis import tables
 
 
@@ -138,9 +139,9 @@ def operons_main(argv) -> int:
 def _write_table(table, path: pathlib.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".parquet":
-        tables.write_atomic(path, lambda tmp: table.to_parquet(tmp, index=False))
+        files.atomic_write(path, lambda handle: table.to_parquet(handle, index=False))
     elif path.suffix in (".tsv", ".txt"):
-        tables.write_atomic(path, lambda tmp: table.to_csv(tmp, sep="\t", index=False))
+        files.write_text_atomic(path, table.to_csv(sep="\t", index=False))
     else:
         raise ValueError(f"{path}: output tables are .tsv or .parquet")
 
@@ -173,7 +174,7 @@ def probe_main(argv) -> int:
     result["task"] = args.task
     table = probes.result_table(result)
     output.mkdir(parents=True, exist_ok=True)
-    tables.write_atomic(output / f"probe_{args.task}.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    files.write_text_atomic(output / f"probe_{args.task}.json", json.dumps(result, indent=2) + "\n")
     _write_table(table, output / f"probe_{args.task}.tsv")
     print(f"{args.task}: {result['genes']} genes, {len(result['classes'])} classes, {result['folds']}")
     print(table.to_string(index=False))
