@@ -62,5 +62,20 @@ def tiny_esm2_dir(tmp_path_factory) -> pathlib.Path:
     return path
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes over 20 s on 2 CPU cores (deselect with -m 'not slow')")
+def pytest_collection_modifyitems(config, items):
+    """Skips `gpu` / `tpu` tests when jax has no such platform (jax starts only if some are marked)."""
+    platforms = [p for p in ("gpu", "tpu") if any(item.get_closest_marker(p) for item in items)]
+    if not platforms:
+        return
+    import jax
+
+    for platform in platforms:
+        try:
+            available = bool(jax.devices(platform))
+        except RuntimeError:
+            available = False
+        if not available:
+            skip = pytest.mark.skip(reason=f"no {platform.upper()} available to jax")
+            for item in items:
+                if item.get_closest_marker(platform):
+                    item.add_marker(skip)

@@ -1,8 +1,183 @@
-"""Helpers shared by test modules (tests never import each other)."""
+"""Helpers shared by the test modules: config files, random contig windows, tiny training runs.
+
+Test modules import from here and never from each other; scripts that tests run in a subprocess
+live in `tests/scripts/` and import from here too (the tests directory is on their PYTHONPATH).
+"""
 from __future__ import annotations
 
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
 import numpy as np
-import pandas as pd
+
+from glm_jax.config import load_config
+from glm_jax.model.glm import GLMConfig
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TESTS_DIR = REPO_ROOT / "tests"
+SCRIPTS_DIR = TESTS_DIR / "scripts"
+
+GENES = 30          # genes per contig window, as the original
+NUM_WINDOWS = 96    # windows of the in-memory training set of `readers`
+
+# The small windows of the shard tests: genes, features per gene, label size.
+SHARD_GENES, SHARD_EMB_DIM, SHARD_NUM_PC = 6, 5, 3
+
+# A 3-layer gLM for parity tests against the PyTorch reference, and their tolerance (float32,
+# activations of order 1 after LayerNorm).
+TINY_MODEL = GLMConfig(emb_dim=33, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64,
+                       max_position_embeddings=40, num_pc=12, max_genes=30)
+PARITY_ATOL = 1e-4
+
+
+def repo_config(name: str):
+    """`get_config()` of configs/<name>.py, as `glm-jax train --config` loads it."""
+    return load_config(str(REPO_ROOT / "configs" / f"{name}.py"))
+
+
+# --- random contig windows -------------------------------------------------------------------
+
+def padding_mask(lengths, genes: int) -> np.ndarray:
+    """[n] contig lengths -> int32 [n, genes]: 1 for the contig's genes, 0 for padding."""
+    return (np.arange(genes)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+
+
+def random_windows(n: int, emb_dim: int, num_pc: int, seed: int = 0, genes: int = GENES, *,
+                   min_genes: int | None = None, label_scale: float = 2.0, dtype=np.float32) -> dict:
+    """n contig windows of `min_genes` (default genes // 2) to `genes` genes, padded to `genes`:
+    inputs_embeds [n, genes, emb_dim] ~ N(0, 1), labels [n, genes, num_pc] ~ N(0, label_scale^2),
+    both zero at padding (as make-shards writes them), attention_mask int32 [n, genes]."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(genes // 2 if min_genes is None else min_genes, genes + 1, n)
+    mask = padding_mask(lengths, genes)
+    return {"inputs_embeds": (rng.normal(size=(n, genes, emb_dim)) * mask[..., None]).astype(dtype),
+            "labels": (label_scale * rng.normal(size=(n, genes, num_pc)) * mask[..., None]).astype(dtype),
+            "attention_mask": mask}
+
+
+def random_shard_records(n: int, seed: int = 0, dtype=np.float16) -> dict:
+    """`random_windows` of SHARD_GENES x SHARD_EMB_DIM (labels SHARD_NUM_PC) with every field
+    of a make-shards record (ids, hashes, strands, names, window bookkeeping)."""
+    arrays = random_windows(n, SHARD_EMB_DIM, SHARD_NUM_PC, seed, SHARD_GENES, min_genes=3, label_scale=1.0,
+                            dtype=dtype)
+    mask = arrays["attention_mask"].astype(np.int64)
+    lengths = mask.sum(1)
+    first = np.cumsum(lengths) - lengths + 1
+    rng = np.random.default_rng([seed, 1])
+    return arrays | {
+        "attention_mask": mask, "prot_ids": np.where(mask, first[:, None] + np.arange(SHARD_GENES), 0),
+        "protein_hash": rng.integers(-2 ** 63, 2 ** 63 - 1, (n, SHARD_GENES)) * mask,
+        "strand": rng.choice([-1, 1], (n, SHARD_GENES)) * mask,
+        "gene_ids": np.where(mask, np.array([[f"g{w}_{j}" for j in range(SHARD_GENES)] for w in range(n)], object), ""),
+        "gene_labels": np.where(mask, '{"is_phage":"1"}', "").astype(object),
+        "num_genes": lengths, "window_index": np.arange(n), "window_start": rng.integers(0, 100, n),
+        "contig_id": np.array([f"contig{w // 4}_{w % 4}" for w in range(n)], object),
+        "genome": np.array(["phage.gbk"] * n, object),
+    }
+
+
+def write_shard_dataset(out_dir, arrays: dict, num_shards: int, dtype: str = "float16", split: str = "train") -> list:
+    """Writes `random_shard_records` arrays as a make-shards directory; returns the shard stats."""
+    from glm_jax.data import shards
+
+    with shards.ShardWriter(out_dir, split, num_shards) as writer:
+        for start in range(0, len(arrays["inputs_embeds"]), 7):  # several write() calls
+            writer.write({k: v[start:start + 7] for k, v in arrays.items()})
+    stats = writer.close()
+    shards.write_dataset_info(out_dir, {"emb_dim": SHARD_EMB_DIM, "num_pc": SHARD_NUM_PC, "max_genes": SHARD_GENES,
+                                        "dtype": dtype, "splits": {split: {"num_windows": len(arrays["inputs_embeds"]),
+                                                                           "shards": stats}}})
+    return stats
+
+
+def padded_batch(config: GLMConfig, lengths=(30, 15, 22, 27), seed: int = 0):
+    """Model inputs of contigs of the given lengths padded to `config.max_genes`, ~15% of genes
+    masked (rows set to -1, at least gene 3 of each contig), labels clipped to +-10.
+
+    Returns inputs [b, s, emb_dim], attention_mask float32 [b, s], masked bool [b, s], labels [b, s, num_pc].
+    """
+    rng = np.random.default_rng(seed)
+    b, s = len(lengths), config.max_genes
+    inputs = rng.normal(size=(b, s, config.emb_dim)).astype(np.float32)
+    attention_mask = padding_mask(lengths, s).astype(np.float32)
+    inputs *= attention_mask[..., None]
+    masked = (rng.random((b, s)) < 0.15) & (attention_mask > 0)
+    masked[:, 3] = True
+    inputs = np.where(masked[..., None], -1.0, inputs).astype(np.float32)
+    labels = np.clip(3 * rng.normal(size=(b, s, config.num_pc)), -10, 10).astype(np.float32) * attention_mask[..., None]
+    return inputs, attention_mask, masked, labels
+
+
+# --- tiny training runs --------------------------------------------------------------------------
+
+def tiny_config(steps: int = 6, mesh=(8, 1, 1), **train_overrides):
+    """configs/tiny.py logging every step, no eval, checkpoints every 2 steps."""
+    config = repo_config("tiny")
+    config.train.num_steps = steps
+    config.train.log_every = 1
+    config.train.checkpoint_every = 2
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
+    for key, value in train_overrides.items():
+        config.train[key] = value
+    return config
+
+
+def readers(config, seed: int = 0, with_eval: bool = False):
+    """Train (and eval) readers over random windows fitting `config.model`."""
+    from glm_jax.data import shards
+
+    m = config.model
+    train_reader = shards.InMemoryWindows(random_windows(NUM_WINDOWS, m.emb_dim, m.num_pc, seed),
+                                          config.train.batch_size, seed=config.train.seed)
+    eval_reader = None
+    if with_eval:
+        eval_reader = shards.InMemoryWindows(random_windows(32, m.emb_dim, m.num_pc, seed + 1),
+                                             config.train.batch_size, shuffle=False)
+    return train_reader, eval_reader
+
+
+def run(config, workdir, with_eval: bool = False):
+    """Trains `config` on the first prod(mesh) devices with random windows -> trainer.TrainResult."""
+    from glm_jax.train import trainer
+
+    devices = jax.devices()[:math.prod((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))]
+    train_reader, eval_reader = readers(config, with_eval=with_eval)
+    return trainer.train_and_evaluate(config, workdir, train_data=train_reader, eval_data=eval_reader, devices=devices)
+
+
+def params_numpy(result) -> dict:
+    """The parameters of a trainer.TrainResult as nested numpy arrays."""
+    return jax.tree.map(np.asarray, jax.device_get(result.state.params))
+
+
+def start_script(script: str, *args, cache=None) -> subprocess.Popen:
+    """`tests/scripts/<script>` in a new process, stdout and stderr merged into `.stdout` (text).
+
+    It inherits XLA_FLAGS (8 fake devices); `cache`: a persistent compilation cache folder, so
+    the processes of one test compile the same program once."""
+    env = dict(os.environ, PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{TESTS_DIR}")
+    if cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return subprocess.Popen([sys.executable, str(SCRIPTS_DIR / script), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+# --- proteins ----------------------------------------------------------------------------------
+
+def decode_token_rows(tokens) -> list[str]:
+    """Residue strings of the real rows of an ESM2 token batch [rows, length] (the dummy rows
+    filling up a batch are all <pad>)."""
+    from glm_jax.proteins import esm2
+
+    rows = tokens[tokens[:, 0] == esm2.CLS_ID]
+    return ["".join(esm2.ALPHABET[t] for t in row if t not in (esm2.CLS_ID, esm2.EOS_ID, esm2.PAD_ID)) for row in rows]
+
+
+# --- genomes and analyses ----------------------------------------------------------------------
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 
@@ -18,7 +193,7 @@ def composition_features(proteins) -> np.ndarray:
     return out
 
 
-def tiny_config(emb_dim: int, num_layers: int = 2, num_heads: int = 2):
+def tiny_glm_config(emb_dim: int, num_layers: int = 2, num_heads: int = 2):
     from glm_jax.model.glm import GLMConfig
 
     return GLMConfig(emb_dim=emb_dim, hidden_size=16, num_layers=num_layers, num_heads=num_heads,
@@ -32,14 +207,16 @@ def tiny_glm(emb_dim: int, num_layers: int = 2, num_heads: int = 2, seed: int = 
 
     from glm_jax.model.glm import GLM
 
-    return GLM(tiny_config(emb_dim, num_layers, num_heads), nnx.Rngs(seed))
+    return GLM(tiny_glm_config(emb_dim, num_layers, num_heads), nnx.Rngs(seed))
 
 
-def model_tables(genes: pd.DataFrame, features: np.ndarray, model, window: int = 30, stride: int = 15):
+def model_tables(genes: "pd.DataFrame", features: np.ndarray, model, window: int = 30, stride: int = 15):
     """The inference contract's tables, computed here from `forward` outputs and the definitions:
     genes + `embedding` (last layer, mean over windows) + `hypotheses`/`probabilities`; pairs with
     `attention` [layers * heads], feature l*H+h = A[l,h][i,i+1] + A[l,h][i+1,i] averaged over the
     windows holding both genes. `features` [genes, D] are the per-gene inputs (orientation appended)."""
+    import pandas as pd
+
     from glm_jax.inference.predict import forward
 
     genes = genes.sort_values(["contig", "position"], kind="stable").reset_index(drop=True)

@@ -357,7 +357,7 @@ def test_training_with_blockwise_follows_the_reference_losses(tmp_path):
     """A sharded (2 x 2 x 2 mesh) 3-step run with attention dropout off: blockwise's loss curve is
     the reference's; with dropout on, fused is refused before anything is written."""
     from glm_jax.train import metrics_log
-    from train_utils import run, tiny_config
+    from helpers import run, tiny_config
 
     curves = {}
     for name in ("reference", "blockwise"):

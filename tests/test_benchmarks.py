@@ -9,7 +9,7 @@ import types
 import jax
 import pytest
 
-from train_utils import REPO_ROOT
+from helpers import REPO_ROOT
 
 if str(REPO_ROOT) not in sys.path:  # the benchmarks package lives beside glm_jax, not installed
     sys.path.insert(0, str(REPO_ROOT))

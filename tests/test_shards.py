@@ -9,42 +9,15 @@ import pytest
 
 from glm_jax.data import shards
 
-S, E, K = 6, 5, 3
-
-
-def synthetic_windows(n, seed=0, dtype=np.float16):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(3, S + 1, n)
-    mask = (np.arange(S)[None] < lengths[:, None]).astype(np.int64)
-    first = np.cumsum(lengths) - lengths + 1
-    return {
-        "inputs_embeds": (rng.normal(size=(n, S, E)) * mask[..., None]).astype(dtype),
-        "labels": (rng.normal(size=(n, S, K)) * mask[..., None]).astype(dtype),
-        "attention_mask": mask, "prot_ids": np.where(mask, first[:, None] + np.arange(S), 0),
-        "protein_hash": rng.integers(-2 ** 63, 2 ** 63 - 1, (n, S)) * mask, "strand": rng.choice([-1, 1], (n, S)) * mask,
-        "gene_ids": np.where(mask, np.array([[f"g{w}_{j}" for j in range(S)] for w in range(n)], object), ""),
-        "gene_labels": np.where(mask, '{"is_phage":"1"}', "").astype(object),
-        "num_genes": lengths, "window_index": np.arange(n), "window_start": rng.integers(0, 100, n),
-        "contig_id": np.array([f"contig{w // 4}_{w % 4}" for w in range(n)], object),
-        "genome": np.array(["phage.gbk"] * n, object),
-    }
-
-
-def write_dataset(out_dir, arrays, num_shards, dtype="float16", split="train"):
-    with shards.ShardWriter(out_dir, split, num_shards) as writer:
-        for start in range(0, len(arrays["inputs_embeds"]), 7):  # several write() calls
-            writer.write({k: v[start:start + 7] for k, v in arrays.items()})
-    stats = writer.close()
-    shards.write_dataset_info(out_dir, {"emb_dim": E, "num_pc": K, "max_genes": S, "dtype": dtype,
-                                        "splits": {split: {"num_windows": len(arrays["inputs_embeds"]), "shards": stats}}})
-    return stats
+from helpers import SHARD_EMB_DIM as E, SHARD_GENES as S, SHARD_NUM_PC as K
+from helpers import random_shard_records, write_shard_dataset
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    arrays = synthetic_windows(50)
-    stats = write_dataset(out, arrays, num_shards=8)
+    arrays = random_shard_records(50)
+    stats = write_shard_dataset(out, arrays, num_shards=8)
     return out, arrays, stats
 
 
@@ -76,8 +49,8 @@ def test_tfds_builder_reads_the_shards_in_place(dataset):
 
 
 def test_float32_shards(tmp_path):
-    arrays = synthetic_windows(9, dtype=np.float32)
-    write_dataset(tmp_path, arrays, num_shards=2, dtype="float32")
+    arrays = random_shard_records(9, dtype=np.float32)
+    write_shard_dataset(tmp_path, arrays, num_shards=2, dtype="float32")
     back = shards.read_shards(tmp_path)
     np.testing.assert_array_equal(back["labels"][np.argsort(back["window_index"])], arrays["labels"])
 
@@ -138,7 +111,7 @@ def test_finite_epochs_and_remainder(dataset, kind):
 
 def test_truncated_and_corrupt_shards_are_named(dataset, tmp_path):
     arrays = dataset[1]
-    write_dataset(tmp_path, arrays, num_shards=4)
+    write_shard_dataset(tmp_path, arrays, num_shards=4)
     victim = tmp_path / "train-00002-of-00004.tfrecord"
     data = victim.read_bytes()
     victim.write_bytes(data[:-100])

@@ -10,7 +10,7 @@ from glm_jax.train import metrics_log
 from glm_jax.train import trainer as train
 from glm_jax.model.glm import config_from_dict_like, create_model
 from glm_jax.train.checkpoint import load_model_from_workdir
-from train_utils import params_numpy, random_windows, readers, run, tiny_config
+from helpers import params_numpy, random_windows, readers, run, tiny_config
 
 # Different meshes reduce in different orders (float32 all-reduces), nothing else differs:
 # per-step losses agree to ~1e-7 relative; 1e-5 leaves room for 6 Adam steps of amplification.

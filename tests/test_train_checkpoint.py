@@ -1,9 +1,6 @@
 """Training checkpoints: resume on another mesh, SIGKILL + resume == uninterrupted, SIGTERM, errors."""
-import os
 import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -15,9 +12,8 @@ from glm_jax.train import trainer as train
 from glm_jax.train.checkpoint import CheckpointMismatchError, TrainCheckpointer, load_model_from_workdir
 from glm_jax.model.checkpoint import params_as_dict
 from glm_jax.model.glm import config_from_dict_like
-from train_utils import REPO_ROOT, params_numpy, run, tiny_config
+from helpers import params_numpy, run, start_script, tiny_config
 
-TESTS = pathlib.Path(__file__).resolve().parent
 TIME_KEYS = ("time", "step_time_s", "steps_per_s", "genes_per_s", "contigs_per_s", "tflops_per_s_per_device")
 
 
@@ -26,12 +22,8 @@ def without_timing(records):
 
 
 def start_run(workdir, steps, delay, checkpoint_every=2, cache=None):
-    """`tests/train_subprocess.py` in a new process (8 fake devices through the inherited XLA_FLAGS)."""
-    env = dict(os.environ, PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{TESTS}")
-    if cache:  # the same program compiles once for all processes of a test
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    return subprocess.Popen([sys.executable, str(TESTS / "train_subprocess.py"), str(workdir), str(steps), str(delay),
-                             str(checkpoint_every)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """`tests/scripts/train_run.py` in a new process (8 fake devices through the inherited XLA_FLAGS)."""
+    return start_script("train_run.py", workdir, steps, delay, checkpoint_every, cache=cache)
 
 
 def wait_for(condition, process, timeout=180):

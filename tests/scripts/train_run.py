@@ -1,13 +1,13 @@
-"""A tiny training run in its own process, for the kill and SIGTERM tests.
+"""A tiny training run in its own process, for the kill and SIGTERM tests (`helpers.start_script`).
 
-    python tests/train_subprocess.py WORKDIR STEPS DELAY_S [CHECKPOINT_EVERY]
+    python tests/scripts/train_run.py WORKDIR STEPS DELAY_S [CHECKPOINT_EVERY]
 
 DELAY_S slows every batch read so the parent can interrupt the run mid-way.
 """
 import sys
 import time
 
-from train_utils import readers, tiny_config
+from helpers import readers, tiny_config
 
 from glm_jax.train import trainer as train
 
