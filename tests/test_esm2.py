@@ -135,14 +135,15 @@ def real_batches(shared_data, real_models):
 
 
 # JAX's float32 error (vs the float64 model) may be this multiple of PyTorch's float32 error, per
-# layer, plus ERROR_FLOOR. Measured on a 2-core AMD EPYC (Zen 5): JAX 1.8x PyTorch's error on the
-# 21-195-residue batch, 5.1x on the 196-370 one (1.28e-4 vs 2.5e-5 at layer 5, |values| up to 48),
-# 0.8x on the longest. The cause is the matmuls: XLA's float32 dot on CPU accumulates the
-# contraction less accurately than PyTorch's MKL kernel (its error equals numpy/OpenBLAS's to the
-# bit; summing 64-wide slices of the contraction afterwards cuts it 4x): a [7440, 320] x
-# [320, 1280] product is off by 7.0e-6 max / 4.3e-7 rms in XLA vs 3.5e-6 / 3.1e-7 in PyTorch,
-# and five layers compound it. The other ops (LayerNorm, rotary, blockwise softmax attention,
-# erf GELU) are as accurate as PyTorch's or more, measured one by one from float64 inputs.
+# layer, plus ERROR_FLOOR. Measured on a 2-core AMD EPYC (Zen 5), worst layer per batch: JAX 2.7x
+# PyTorch's error on the 21-195-residue batch, 5.1x on the 196-370 one (1.28e-4 vs 2.5e-5 at
+# layer 5, |values| up to 48), 2.1x on the longest. The cause is the matmuls: XLA's float32 dot on
+# CPU accumulates the contraction less accurately than PyTorch's CPU kernel (its error equals
+# numpy/OpenBLAS's to the bit; summing 64-wide slices of the contraction afterwards cuts it 4x):
+# a [7440, 320] x [320, 1280] product is off by 7.0e-6 max / 4.3e-7 rms in XLA vs 3.5e-6 / 3.1e-7
+# in PyTorch, and five layers compound it. The other ops (LayerNorm, rotary, blockwise softmax
+# attention, erf GELU) are about as accurate as PyTorch's or more, measured one by one from
+# float64 inputs.
 ERROR_MULTIPLE = 8.0
 ERROR_FLOOR = 1e-5
 

@@ -4,8 +4,7 @@ Three steps of `trainer.train_step` on configs/tiny.py (dropout on, warm-up lr 0
 * remat recomputes the same operations with the same dropout masks, so losses and parameters
   equal the plain step's up to float32 summation order (rtol 1e-5, as the mesh tests);
 * bf16 matmuls (float32 master weights, LayerNorm, softmax and loss) change each matmul by
-  ~2^-9 relative: losses stay within 2% and gradient norms within 5% of float32 (measured
-  ~0.3% and ~1%), and parameters within the sum of the two steps' Adam updates (|update| <=
+  ~2^-9 relative: losses stay within 2% and gradient norms within 5% of float32, and parameters within the sum of the two steps' Adam updates (|update| <=
   lr x 1.5 in the first steps, whatever the gradient: a sign flip of a tiny gradient moves a
   parameter by at most twice that).
 """

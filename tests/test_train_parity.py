@@ -34,8 +34,9 @@ ORIGINAL_PROB_LOSS_WEIGHT = 1e-4
 ORIGINAL_LR, ORIGINAL_WARMUP, ORIGINAL_BETAS, ORIGINAL_EPS = 1e-4, 5000, (0.9, 0.999), 1e-6
 
 BATCH, STEPS = 8, 2
-# float32 JAX vs a float64 reference, on a 2-layer model: losses agree to ~1e-7 relative, Adam
-# moments (i.e. the gradients) to ~1e-6 of each tensor's largest entry; 10x margin.
+# float32 JAX vs a float64 reference, on a 2-layer model: float32 rounding (~6e-8 relative per
+# operation, accumulated over a few hundred-term sums) stays well below these bounds, while each
+# mutation listed in issue 8 moves the loss or some gradient by far more.
 LOSS_RTOL = 1e-5
 MOMENT_TOL = 2e-5
 
