@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from glm_jax.data import shards
 from glm_jax.train import metrics_log
 from glm_jax.train import trainer as train
 from glm_jax.model.glm import config_from_dict_like, create_model
@@ -96,11 +97,26 @@ def test_masked_genes_reduction_accumulates_exactly():
 
 
 def test_nan_fails_loudly_naming_the_step(tmp_path):
+    """NaN data is refused before training when the first batch has it (naming the rows), and stops
+    the run naming the step when it appears later (only the first batch is validated on the host)."""
     config = tiny_config(steps=4, mesh=(8, 1, 1))
     train_reader, _ = readers(config)
     train_reader.arrays["inputs_embeds"][:] = np.nan
-    with pytest.raises(FloatingPointError, match="at step 1 "):
-        train.train_and_evaluate(config, tmp_path, train_data=train_reader)
+    with pytest.raises(ValueError, match=r"first training batch .*inputs_embeds contain NaN/Inf at \[contig, gene\] \[\[0, 0\]"):
+        train.train_and_evaluate(config, tmp_path / "first", train_data=train_reader)
+
+    class NanAfterTheFirstBatch(shards.InMemoryWindows):
+        served = 0
+
+        def __next__(self):
+            batch = super().__next__()
+            self.served += 1
+            return batch if self.served == 1 else dict(batch, inputs_embeds=np.full_like(batch["inputs_embeds"], np.nan))
+
+    m = config.model
+    later = NanAfterTheFirstBatch(random_windows(96, m.emb_dim, m.num_pc), config.train.batch_size, seed=config.train.seed)
+    with pytest.raises(FloatingPointError, match="at step 2 "):
+        train.train_and_evaluate(config, tmp_path / "later", train_data=later)
 
 
 @pytest.mark.parametrize("change, message", [
