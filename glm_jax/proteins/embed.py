@@ -101,14 +101,16 @@ def sequence_key(sequence: str) -> str:
 
 
 def bucket_length(tokens: int, cap: int) -> int:
-    """Padded length of a batch holding sequences of up to `tokens` tokens: a multiple of 64 up to
-    256, then the next of 2^k or 1.5 * 2^k, at most `cap`; so only a few shapes are compiled."""
-    if tokens <= 256:
-        return min(-(-tokens // 64) * 64, cap)
-    size = 256
-    while size < tokens:
-        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
-    return min(size, cap)
+    """Padded length of a batch holding sequences of up to `tokens` tokens, at most `cap`: 32, or
+    `tokens` rounded up to a multiple of a quarter of the largest power of two below it (steps of
+    at least 16), i.e. four lengths per octave. That pads the shared genomes' 17.5k proteins by
+    9.3% of tokens (one length per half octave, as before: 17.6%) for ~2.5x as many compiled
+    shapes (43 instead of 18)."""
+    if tokens <= 32:
+        return min(32, cap)
+    octave = 1 << (int(tokens) - 1).bit_length() - 1
+    step = max(octave // 4, 16)
+    return min(-(-tokens // step) * step, cap)
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int, cap: int) -> list[tuple[list[int], int, int]]:
@@ -279,21 +281,33 @@ class EmbedStats:
 
 
 class Esm2Embedder:
-    """A loaded ESM2 model: padded token batches -> mean embeddings of one layer."""
+    """A loaded ESM2 model: padded token batches -> mean embeddings of one layer.
+
+    Rows of a batch are split over `devices` (default: all local devices; parameters replicated),
+    so every accelerator of a host embeds at once; a batch whose rows do not divide is padded
+    with all-<pad> rows, which cost compute but change nothing."""
 
     def __init__(self, config: esm2.Esm2Config, params: esm2.Params, layer: int | None = None,
-                 compute_dtype: str = "float32", source: str = ""):
+                 compute_dtype: str = "float32", source: str = "", devices: Sequence | None = None):
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
         self.layer = config.num_layers if layer is None else layer
         if not 0 <= self.layer <= config.num_layers:
             raise ValueError(f"layer {layer} outside 0..{config.num_layers} for this {config.num_layers}-layer model")
         if compute_dtype not in esm2.COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {list(esm2.COMPUTE_DTYPES)}, got {compute_dtype!r}")
-        self.config, self.params, self.compute_dtype, self.source = config, params, compute_dtype, source
+        mesh = Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("rows",))
+        self.row_sharding = NamedSharding(mesh, PartitionSpec("rows", None))
+        self.num_devices = mesh.size
+        self.config, self.compute_dtype, self.source = config, compute_dtype, source
+        self.params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
 
     @classmethod
-    def load(cls, model_dir: str | pathlib.Path, layer: int | None = None, compute_dtype: str = "float32"):
+    def load(cls, model_dir: str | pathlib.Path, layer: int | None = None, compute_dtype: str = "float32",
+             devices: Sequence | None = None):
         config, params = esm2.load_esm2(model_dir)
-        return cls(config, params, layer, compute_dtype, source=str(pathlib.Path(model_dir).resolve()))
+        return cls(config, params, layer, compute_dtype, source=str(pathlib.Path(model_dir).resolve()), devices=devices)
 
     def identity(self, max_residues: int) -> dict:
         """What makes two runs' embeddings comparable (stored in the manifest)."""
@@ -303,8 +317,15 @@ class Esm2Embedder:
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         """tokens [rows, length] int32 -> float32 [rows, hidden]"""
-        out = esm2.mean_embeddings(self.params, tokens, self.config, self.layer, self.compute_dtype)
-        return np.asarray(out)
+        import jax
+
+        rows = len(tokens)
+        spare = -rows % self.num_devices
+        if spare:
+            tokens = np.concatenate([tokens, np.full((spare, tokens.shape[1]), esm2.PAD_ID, tokens.dtype)])
+        out = esm2.mean_embeddings(self.params, jax.device_put(tokens, self.row_sharding), self.config, self.layer,
+                                   self.compute_dtype)
+        return np.asarray(out)[:rows]
 
 
 def embed_proteins(sequences: Iterable[str], store_dir: str | pathlib.Path, model_dir: str | pathlib.Path | None, *,
