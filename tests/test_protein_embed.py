@@ -58,12 +58,9 @@ def test_batches_respect_budget_and_buckets():
         assert len(indices) <= rows and (rows * length <= 12_290 or rows == 1)
         assert max(lengths[i] for i in indices) <= length
     shapes = {(rows, length) for _, rows, length in batches}
-    assert len(shapes) < 60  # jit compiles once per shape
-    assert [pe.bucket_length(n, 12_290) for n in (3, 33, 64, 65, 257, 385, 513, 12_000, 12_289)] == \
-        [32, 48, 64, 80, 320, 448, 640, 12_288, 12_290]
-    for n in range(33, 12_289):  # four lengths per octave: < 25% (or < 16 tokens) padding, multiples of 16
-        bucket = pe.bucket_length(n, 12_290)
-        assert 0 <= bucket - n < max(16, n / 4) and bucket % 16 == 0
+    assert len(shapes) < 40  # jit compiles once per shape
+    assert [pe.bucket_length(n, 12_290) for n in (3, 64, 65, 257, 385, 513, 12_000, 12_289)] == \
+        [64, 64, 128, 384, 512, 768, 12_288, 12_290]
 
 
 def test_rows_split_over_eight_devices_give_one_device_embeddings(tiny_esm2_dir, proteins):
