@@ -11,7 +11,8 @@ import jax
 PLATFORM_DEFAULTS = {
     # ESM2 attention runs over blocks of this many keys with an online softmax. On CPU, blocks of
     # 64 keep a [batch, heads, tokens, 64] score tile in cache: ESM2-8M attention (head_dim 16)
-    # 2.0x faster than 512-key blocks at 32 x 384 tokens (one thread, CPU time, interleaved runs).
+    # 2.0x faster than 512-key blocks at 32 x 384 tokens; whole embedding of 150 genome proteins
+    # 1.17x (26.6 -> 22.8 s CPU, one thread, interleaved runs in one process).
     "esm2_key_block": {"cpu": 64, "default": 512},
 }
 
