@@ -63,6 +63,20 @@ def test_batches_respect_budget_and_buckets():
         [64, 64, 128, 384, 512, 768, 12_288, 12_290]
 
 
+def test_rows_split_over_eight_devices_give_one_device_embeddings(tiny_esm2_dir, proteins):
+    """The same batch (5 rows: not a multiple of 8, so padded with <pad> rows) on 8 fake CPU
+    devices and on one; a row must not depend on which device or neighbours it ran with."""
+    import jax
+
+    tokens = esm2.pad_batch([esm2.tokenize(pe.normalise_sequence(s)) for s in proteins[:5]])
+    one = pe.Esm2Embedder.load(tiny_esm2_dir, devices=jax.local_devices()[:1])
+    eight = pe.Esm2Embedder.load(tiny_esm2_dir)
+    assert eight.num_devices == 8
+    np.testing.assert_allclose(eight(tokens), one(tokens), rtol=0, atol=1e-6)
+    config, params = esm2.load_esm2(tiny_esm2_dir)
+    np.testing.assert_allclose(one(tokens), esm2.mean_embeddings(params, tokens, config), rtol=0, atol=1e-6)
+
+
 def test_store_matches_direct_model_and_dedupes(tiny_esm2_dir, tmp_path, proteins, count_embedded):
     config, params = esm2.load_esm2(tiny_esm2_dir)
     queries = proteins[:12] + [proteins[0].lower() + "*", proteins[3]]  # duplicates after normalisation

@@ -279,21 +279,33 @@ class EmbedStats:
 
 
 class Esm2Embedder:
-    """A loaded ESM2 model: padded token batches -> mean embeddings of one layer."""
+    """A loaded ESM2 model: padded token batches -> mean embeddings of one layer.
+
+    Rows of a batch are split over `devices` (default: all local devices; parameters replicated),
+    so every accelerator of a host embeds at once; a batch whose rows do not divide is padded
+    with all-<pad> rows, which cost compute but change nothing."""
 
     def __init__(self, config: esm2.Esm2Config, params: esm2.Params, layer: int | None = None,
-                 compute_dtype: str = "float32", source: str = ""):
+                 compute_dtype: str = "float32", source: str = "", devices: Sequence | None = None):
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
         self.layer = config.num_layers if layer is None else layer
         if not 0 <= self.layer <= config.num_layers:
             raise ValueError(f"layer {layer} outside 0..{config.num_layers} for this {config.num_layers}-layer model")
         if compute_dtype not in esm2.COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {list(esm2.COMPUTE_DTYPES)}, got {compute_dtype!r}")
-        self.config, self.params, self.compute_dtype, self.source = config, params, compute_dtype, source
+        mesh = Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("rows",))
+        self.row_sharding = NamedSharding(mesh, PartitionSpec("rows", None))
+        self.num_devices = mesh.size
+        self.config, self.compute_dtype, self.source = config, compute_dtype, source
+        self.params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
 
     @classmethod
-    def load(cls, model_dir: str | pathlib.Path, layer: int | None = None, compute_dtype: str = "float32"):
+    def load(cls, model_dir: str | pathlib.Path, layer: int | None = None, compute_dtype: str = "float32",
+             devices: Sequence | None = None):
         config, params = esm2.load_esm2(model_dir)
-        return cls(config, params, layer, compute_dtype, source=str(pathlib.Path(model_dir).resolve()))
+        return cls(config, params, layer, compute_dtype, source=str(pathlib.Path(model_dir).resolve()), devices=devices)
 
     def identity(self, max_residues: int) -> dict:
         """What makes two runs' embeddings comparable (stored in the manifest)."""
@@ -303,8 +315,15 @@ class Esm2Embedder:
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         """tokens [rows, length] int32 -> float32 [rows, hidden]"""
-        out = esm2.mean_embeddings(self.params, tokens, self.config, self.layer, self.compute_dtype)
-        return np.asarray(out)
+        import jax
+
+        rows = len(tokens)
+        spare = -rows % self.num_devices
+        if spare:
+            tokens = np.concatenate([tokens, np.full((spare, tokens.shape[1]), esm2.PAD_ID, tokens.dtype)])
+        out = esm2.mean_embeddings(self.params, jax.device_put(tokens, self.row_sharding), self.config, self.layer,
+                                   self.compute_dtype)
+        return np.asarray(out)[:rows]
 
 
 def embed_proteins(sequences: Iterable[str], store_dir: str | pathlib.Path, model_dir: str | pathlib.Path | None, *,

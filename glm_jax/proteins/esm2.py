@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax.interop.state_dict import StateDictError, read_state_dict, tensor_shape
+from glm_jax.perf_defaults import platform_default
 
 Params = dict[str, Any]
 
@@ -267,10 +268,12 @@ def _run_layers(params: Params, tokens, config: Esm2Config, num_layers: int, com
 
 @functools.partial(jax.jit, static_argnames=("config", "compute_dtype", "key_block"))
 def hidden_states(params: Params, tokens, config: Esm2Config, compute_dtype: str = "float32",
-                  key_block: int = 512):
+                  key_block: int | None = None):
     """All representations, fair-esm numbering. tokens [batch, tokens] int
     -> float32 [num_layers + 1, batch, tokens, hidden]: 0 = embeddings, i = after layer i, the
-    last one after `emb_layer_norm_after`."""
+    last one after `emb_layer_norm_after`. key_block: keys per attention block (None: the
+    platform's `esm2_key_block`)."""
+    key_block = key_block or platform_default("esm2_key_block")
     embedded = _embed(params, tokens, config)
     final, per_layer = _run_layers(params, tokens, config, config.num_layers, compute_dtype, key_block, True)
     return jnp.concatenate([embedded[None], per_layer[:-1], final[None]])
@@ -278,12 +281,13 @@ def hidden_states(params: Params, tokens, config: Esm2Config, compute_dtype: str
 
 @functools.partial(jax.jit, static_argnames=("config", "layer", "compute_dtype", "key_block"))
 def mean_embeddings(params: Params, tokens, config: Esm2Config, layer: int | None = None,
-                    compute_dtype: str = "float32", key_block: int = 512):
+                    compute_dtype: str = "float32", key_block: int | None = None):
     """Per-protein embedding: the mean of representation `layer` (default: the last, after
     `emb_layer_norm_after`, as gLM's pipeline) over residue positions only (no <cls>/<eos>/<pad>).
     Runs only the layers it needs. tokens [batch, tokens] int -> float32 [batch, hidden]
     (all-padding rows give zeros)."""
     layer = config.num_layers if layer is None else layer
+    key_block = key_block or platform_default("esm2_key_block")
     if not 0 <= layer <= config.num_layers:
         raise ValueError(f"layer {layer} outside 0..{config.num_layers}")
     x, _ = _run_layers(params, tokens, config, layer, compute_dtype, key_block, False)

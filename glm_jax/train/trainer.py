@@ -108,20 +108,31 @@ def accumulated_gradients(params: dict, graphdef, batch: dict, masked: jax.Array
                           k: int):
     """Gradient of the batch's loss from k microbatches under `lax.scan`.
 
-    Microbatch i's gradient is weighted by its share of the loss normaliser (1/k for the
-    original's all-positions mean; its masked-gene count / the batch's for "masked_genes"), so
-    the sum equals the gradient of the whole batch. Returns (grads, metrics).
+    Microbatch i's loss is weighted by its share of the loss normaliser (1/k for the original's
+    all-positions mean; its masked-gene count / the batch's for "masked_genes"), so the summed
+    gradients equal the gradient of the whole batch. The weight scales the scalar loss before
+    differentiation, not every gradient leaf after it (one pass over the parameters fewer).
+    k = 1 runs no scan: a scan's zero-initialised carry and its sum are two more passes over
+    a parameter-sized tree. Returns (grads, metrics).
     """
+    def weighted_loss(p, mb, mm, rng, weight):
+        loss, (mse, ce, sums) = loss_fn(p, graphdef, mb, mm, rng, obj)
+        return weight * loss, {"loss": weight * loss, "mse": weight * mse, "ce": weight * ce} | sums
+
+    def microbatch_rng(index):
+        return None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+
+    grad_fn = jax.grad(weighted_loss, has_aux=True)
+    if k == 1:
+        weight = (loss_normalizer(masked, obj.reduction) > 0).astype(jnp.float32)  # n / max(n, 1)
+        return grad_fn(params, batch, masked, microbatch_rng(0), weight)
+
     micro_batch, micro_masked = jax.tree.map(lambda x: split_microbatches(x, k), (batch, masked))
     normalizers = jax.vmap(lambda m: loss_normalizer(m, obj.reduction))(micro_masked)
     weights = normalizers / jnp.maximum(normalizers.sum(), 1.0)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def microbatch(mb, mm, weight, index):
-        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-        (loss, (mse, ce, sums)), grads = grad_fn(params, graphdef, mb, mm, rng, obj)
-        weighted = {"loss": weight * loss, "mse": weight * mse, "ce": weight * ce}
-        return jax.tree.map(lambda g: weight * g, grads), weighted | sums
+        return grad_fn(params, mb, mm, microbatch_rng(index), weight)
 
     def body(totals, inputs):
         return jax.tree.map(jnp.add, totals, microbatch(*inputs)), None
