@@ -14,6 +14,8 @@ from typing import Sequence
 
 import ml_collections
 
+from glm_jax.errors import ConfigError, did_you_mean
+
 OVERRIDE_PREFIX = "--config."
 
 
@@ -25,7 +27,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} has no get_config() function")
+        raise ConfigError(f"config file {path} has no get_config() function")
     return module.get_config()
 
 
@@ -37,7 +39,7 @@ def _parse_value(text: str, current):
             return True
         if lowered in ("false", "0", "no"):
             return False
-        raise ValueError(f"expected a boolean, got {text!r}")
+        raise ConfigError(f"expected a boolean, got {text!r}")
     if isinstance(current, str):
         return text
     if current is None:
@@ -60,25 +62,32 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     while i < len(items):
         item = items[i]
         if not item.startswith(OVERRIDE_PREFIX):
-            raise ValueError(f"unrecognised config override {item!r}; expected --config.<path>=<value>")
+            raise ConfigError(f"unrecognised config override {item!r}; expected --config.<path>=<value>")
         body = item[len(OVERRIDE_PREFIX):]
         if "=" in body:
             path, text = body.split("=", 1)
         else:
             if i + 1 >= len(items):
-                raise ValueError(f"config override {item!r} has no value")
+                raise ConfigError(f"config override {item!r} has no value")
             path, text = body, items[i + 1]
             i += 1
-        *parents, leaf = path.split(".")
-        node = config
-        for name in parents:
-            if name not in node:
-                raise KeyError(f"config has no field {path!r} (no {name!r})")
-            node = node[name]
-        if leaf not in node:
-            raise KeyError(f"config has no field {path!r}")
-        with node.unlocked():
-            node[leaf] = _parse_value(text, node[leaf])
+        names = path.split(".")
+        group, value = None, config
+        for depth, name in enumerate(names):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f"--config.{path}: config.{'.'.join(names[:depth])} is a value, not a group")
+            if name not in value:
+                prefix = ".".join(names[:depth] + [""])
+                raise ConfigError(f"--config.{path}: the config has no field {prefix + name!r}"
+                                  + did_you_mean(name, value.keys(), prefix))
+            group, value = value, value[name]
+        try:
+            parsed = _parse_value(text, value)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"--config.{path}: expected a {type(value).__name__} (a Python literal), "
+                              f"got {text!r}") from None
+        with group.unlocked():
+            group[names[-1]] = parsed
         i += 1
     return config
 

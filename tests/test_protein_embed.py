@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from glm_jax.cli import main as cli
 from glm_jax.data import fasta
 from glm_jax.proteins import esm2
 from glm_jax.proteins import embed as pe
@@ -171,16 +172,16 @@ def test_embed_proteins_cli(tiny_esm2_dir, tmp_path, capsys):
     fasta = tmp_path / "p.fa"
     fasta.write_text(">a\nMKTAYIAK\n>b\nMKTAYIAK*\n>c\nMSTNPKPQRKTKRNTNRRPQDVKFPGG\n")
     argv = [str(fasta), "--store", str(tmp_path / "s"), "--model", str(tiny_esm2_dir), "--quiet"]
-    assert pe.embed_proteins_main(argv) == 0
+    assert cli.main(["embed-proteins"] + argv) == 0
     assert "3 proteins, 2 unique, 0 already stored, 2 newly embedded (0 truncated" in capsys.readouterr().out
-    assert pe.embed_proteins_main(argv) == 0
+    assert cli.main(["embed-proteins"] + argv) == 0
     assert "2 already stored, 0 newly embedded" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())["model"]
     assert (manifest["layer"], manifest["dim"], manifest["compute_dtype"]) == (2, 32, "float32")
 
     fasta.write_text("MKV\n")
-    assert pe.embed_proteins_main(argv) == 1
+    assert cli.main(["embed-proteins"] + argv) == 2
     assert f"{fasta}: line 1: sequence data before" in capsys.readouterr().err
     fasta.write_text(">a\nMKV\n")
-    assert pe.embed_proteins_main([str(fasta), "--store", str(tmp_path / "t"), "--model", str(tmp_path / "none")]) == 1
+    assert cli.main(["embed-proteins", str(fasta), "--store", str(tmp_path / "t"), "--model", str(tmp_path / "none")]) == 2
     assert "run `glm-jax fetch-esm2`" in capsys.readouterr().err

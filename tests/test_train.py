@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from glm_jax.cli import main as cli
 from glm_jax.data import shards
 from glm_jax.train import metrics_log
 from glm_jax.train import trainer as train
@@ -152,7 +153,7 @@ def test_cli_trains_from_npz_logs_eval_and_leaves_a_loadable_model(tmp_path):
     argv = ["--config", "configs/tiny.py", "--workdir", str(workdir),
             f"--config.data.train_pattern={tmp_path / 'train.npz'}", f"--config.data.eval_pattern={tmp_path / 'eval.npz'}",
             "--config.train.num_steps=8", "--config.train.eval_every=4", "--config.train.checkpoint_every=4"]
-    assert train.train_main(argv) == 0
+    assert cli.main(["train"] + argv) == 0
     evals = metrics_log.read_metrics(workdir, "eval")
     assert [r["step"] for r in evals] == [4, 8]
     assert evals[-1]["masked_genes"] > 0 and sum(evals[-1]["confidence_histogram"]) == evals[-1]["masked_genes"]

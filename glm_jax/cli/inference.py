@@ -1,8 +1,62 @@
-"""`glm-jax infer`: genomes -> per-gene gLM results (glm_jax.inference.genome)."""
+"""`glm-jax forward` (the .npz batch contract), `glm-jax embed` (gene embeddings on shards) and
+`glm-jax infer` (genomes -> per-gene gLM results, glm_jax.inference.genome)."""
 from __future__ import annotations
 
 import argparse
-import sys
+
+from glm_jax.cli import common
+from glm_jax.progress import Progress
+
+
+def forward_main(argv: list[str]) -> int:
+    from glm_jax.inference import predict
+    from glm_jax.model import objective
+    parser = common.parser("forward", "run gLM on an .npz batch")
+    common.add_model_run_arguments(parser)
+    parser.add_argument("--input", required=True, help=".npz with inputs_embeds, attention_mask[, labels, masked_tokens]")
+    parser.add_argument("--output", required=True, help=".npz to write")
+    parser.add_argument("--label-clip", type=float, default=0.0,
+                        help="clip labels to +-value before the loss; 0 (default) passes them as given, like "
+                             "the original model's forward; its train.py clips at 10")
+    parser.add_argument("--reduction", default="all_positions", choices=objective.REDUCTIONS)
+    args = parser.parse_args(argv)
+    output = common.output_file(args.output)
+    batch = predict.read_npz(args.input)
+    model = common.load_model(args)
+    result = predict.forward(model, batch, batch_size=args.batch_size, label_clip=args.label_clip,
+                             reduction=args.reduction, source=args.input)
+    common.save_npz(output, result)
+    summary = "".join(f", {k}={float(result[k]):.4f}" for k in ("loss", "pseudo_accuracy") if k in result)
+    missing = [key for key in predict.OUTPUT_KEYS if key not in result]
+    not_written = (f"; not written: {', '.join(missing)} (attention {model.config.attention!r} keeps no "
+                   "probabilities; use --attention reference or xla_shifted)") if missing else ""
+    print(f"wrote {output}: {result['last_hidden_state'].shape[0]} contigs{summary}; "
+          f"arrays: {', '.join(key for key in predict.OUTPUT_KEYS if key in result)}{not_written}")
+    return 0
+
+
+def embed_main(argv: list[str]) -> int:
+    from glm_jax.data.shards import ShardReader
+    from glm_jax.inference import predict
+    parser = common.parser("embed", "gene embeddings and predictions of a trained gLM on shards")
+    common.add_model_run_arguments(parser)
+    parser.add_argument("--shards", required=True, help="dataset directory written by make-shards (or shard files)")
+    parser.add_argument("--split", default="eval", help="train or eval")
+    parser.add_argument("--output", required=True, help=".npz to write")
+    parser.add_argument("--all-layers", action="store_true", help="also write every layer's hidden state")
+    common.add_progress_argument(parser)
+    args = parser.parse_args(argv)
+    output = common.output_file(args.output)
+    reader = ShardReader(args.shards, batch_size=args.batch_size, split=args.split, shuffle=False, num_epochs=1,
+                         drop_remainder=False, include_metadata=True)
+    model = common.load_model(args)
+    batches = Progress(reader, desc="embed", unit="batch", enabled=not args.no_progress)
+    result = predict.embed_windows(model, batches, all_layers=args.all_layers,
+                                   source=args.shards)
+    common.save_npz(output, result)
+    print(f"wrote {output}: {len(result['gene_ids'])} genes from "
+          f"{len(set(result['contig_ids']))} windows, embeddings {result['embeddings'].shape}")
+    return 0
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -12,24 +66,17 @@ def _layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def infer_main(argv: list[str]) -> int:
     from glm_jax.inference import genome
-    parser = argparse.ArgumentParser(
-        prog="glm-jax infer", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Per-gene gLM results of genomes: OUTPUT/genes.parquet (one row per CDS), "
-                    "OUTPUT/pairs.parquet (--attention pairs), OUTPUT/maps/ (--attention maps). Resumable: rerun "
-                    "the same command after an interruption.",
-        epilog=genome.__doc__.split("\n\n", 2)[2])
+    parser = common.parser(
+        "infer", "Per-gene gLM results of genomes: OUTPUT/genes.parquet (one row per CDS), "
+                 "OUTPUT/pairs.parquet (--attention pairs), OUTPUT/maps/ (--attention maps). Resumable: rerun "
+                 "the same command after an interruption.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=genome.__doc__.split("\n\n", 2)[2])
     parser.add_argument("genomes", nargs="*", help=".gb/.gbk/.gbff, .gff/.gff3, .faa (+ --contig-table), "
                                                    ".fna/.fa (pyrodigal gene calls); .gz ok")
-    parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
+    common.add_model_run_arguments(parser, batch_help="windows per model call (all devices)", batch_size=32,
+                                   attention_options=False)
     parser.add_argument("--output", required=True, help="output directory (created; reruns resume)")
     parser.add_argument("--shards", help="a make-shards directory instead of genome files (all splits)")
     parser.add_argument("--contig-table", help="contig<TAB>+id;-id;... table for protein FASTA inputs")
@@ -40,12 +87,9 @@ def infer_main(argv: list[str]) -> int:
     parser.add_argument("--esm2-model", dest="esm2_dir", help="ESM2 model directory (default: the one the training "
                                                              "shards were made with, else the fetched ESM2-8M)")
     parser.add_argument("--store", help="ESM2 embedding store (default OUTPUT/embeddings)")
-    parser.add_argument("--window", type=_positive, default=30, help="genes per window")
-    parser.add_argument("--stride", type=_positive, help="gene offset between windows (default window/2)")
-    parser.add_argument("--batch-size", type=_positive, default=32, help="windows per model call (all devices)")
-    parser.add_argument("--chunk-windows", type=_positive, default=256, help="windows per resumable chunk")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="compute dtype")
+    parser.add_argument("--window", type=common.positive_int, default=30, help="genes per window")
+    parser.add_argument("--stride", type=common.positive_int, help="gene offset between windows (default window/2)")
+    parser.add_argument("--chunk-windows", type=common.positive_int, default=256, help="windows per resumable chunk")
     parser.add_argument("--layers", type=_layers, default=(), help="hidden states to add, e.g. 0,5,19 "
                                                                    "(0: embedding output, last: = embedding)")
     parser.add_argument("--hypotheses", action="store_true",
@@ -62,23 +106,20 @@ def infer_main(argv: list[str]) -> int:
     parser.add_argument("--clip-distances", action="store_true",
                         help="gene distances beyond the model's max_position_embeddings - 1 use the distance "
                              "table's end rows (Shaw et al. 2018), so windows of any length run")
-    parser.add_argument("--no-progress", action="store_true")
+    common.add_progress_argument(parser)
     args = parser.parse_args(argv)
-    try:
-        transform = args.features
-        if args.normalization:
-            if args.features:
-                raise genome.InferenceInputError("give --features or --normalization, not both")
-            from glm_jax.data import features
-            transform = features.load_feature_transform(args.normalization, args.pca)
-        genome.infer_genomes(
-            args.genomes, args.checkpoint, args.output, esm2_dir=args.esm2_dir, store_dir=args.store,
-            feature_transform=transform, window=args.window, stride=args.stride, batch_size=args.batch_size,
-            layers=args.layers, hypotheses=args.hypotheses, context_only=args.context_only,
-            attention=args.attention, include_esm2=args.include_esm2, attention_impl=args.attention_impl,
-            clip_distances=args.clip_distances, progress=not args.no_progress, contig_table=args.contig_table,
-            shards_dir=args.shards, chunk_windows=args.chunk_windows, compute_dtype=args.dtype)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"glm-jax infer: error: {error}", file=sys.stderr)
-        return 1
+    common.output_dir(args.output)
+    transform = args.features
+    if args.normalization:
+        if args.features:
+            raise genome.InferenceInputError("give --features or --normalization, not both")
+        from glm_jax.data import features
+        transform = features.load_feature_transform(args.normalization, args.pca)
+    genome.infer_genomes(
+        args.genomes, args.checkpoint, args.output, esm2_dir=args.esm2_dir, store_dir=args.store,
+        feature_transform=transform, window=args.window, stride=args.stride, batch_size=args.batch_size,
+        layers=args.layers, hypotheses=args.hypotheses, context_only=args.context_only,
+        attention=args.attention, include_esm2=args.include_esm2, attention_impl=args.attention_impl,
+        clip_distances=args.clip_distances, progress=not args.no_progress, contig_table=args.contig_table,
+        shards_dir=args.shards, chunk_windows=args.chunk_windows, compute_dtype=args.dtype)
     return 0

@@ -13,6 +13,8 @@ import gzip
 import pathlib
 from typing import Iterable
 
+from glm_jax.errors import InputError
+
 AMINO_ACIDS = frozenset("ACDEFGHIKLMNPQRSTVWY")
 # Ambiguity and rare residues that the ESM2 vocabulary has tokens for.
 EXTRA_RESIDUES = frozenset("XBUZO")
@@ -20,7 +22,7 @@ PROTEIN_ALPHABET = AMINO_ACIDS | EXTRA_RESIDUES
 UNKNOWN_POLICIES = ("error", "x")
 
 
-class FastaError(ValueError):
+class FastaError(InputError):
     """A malformed FASTA file or protein sequence; the message names the file, record and position."""
 
 
@@ -44,7 +46,7 @@ def clean_protein(sequence: str, where: str, unknown: str = "error") -> str:
     position, char = next((i, c) for i, c in enumerate(protein, 1) if c not in PROTEIN_ALPHABET)
     bad = "".join(sorted(set(protein) - PROTEIN_ALPHABET))
     raise FastaError(f"{where}: invalid residue {char!r} at position {position} (all invalid: {bad!r}); "
-                     "map such characters to X with the unknown-to-X option if that is intended")
+                     "--map-unknown-to-x maps such characters to X if that is intended")
 
 
 def _open_text(path: pathlib.Path):

@@ -22,6 +22,7 @@ from typing import Iterable
 import numpy as np
 
 from glm_jax import files
+from glm_jax.errors import InputError
 
 FORWARD, REVERSE = 0.5, -0.5
 
@@ -65,16 +66,16 @@ def load_feature_transform(path: str | pathlib.Path, pca_path: str | pathlib.Pat
         arrays = dict(f)
     if "pca_components" in arrays:
         if pca_path is not None:
-            raise ValueError(f"{path} already holds a PCA; do not pass a separate PCA file")
+            raise InputError(f"{path} already holds a PCA; do not pass a separate PCA file")
         arrays["n_samples"] = int(arrays.get("n_samples", 0))
         known = {f.name for f in dataclasses.fields(FeatureTransform)}
         return FeatureTransform(**{k: v for k, v in arrays.items() if k in known})
     if pca_path is None:
-        raise ValueError(f"{path} has no PCA (keys {sorted(arrays)}); pass the PCA npz too")
+        raise InputError(f"{path} has no PCA (keys {sorted(arrays)}); pass the PCA npz too")
     with np.load(pca_path, allow_pickle=False) as p:
         missing = {"mean_", "components_", "explained_variance_"} - set(p.files)
         if missing or not {"mean", "std"} <= set(arrays):
-            raise ValueError(f"expected mean/std in {path} and sklearn PCA arrays in {pca_path}; missing {sorted(missing)}")
+            raise InputError(f"expected mean/std in {path} and sklearn PCA arrays in {pca_path}; missing {sorted(missing)}")
         return FeatureTransform(arrays["mean"], arrays["std"], p["mean_"], p["components_"], p["explained_variance_"],
                                 p["explained_variance_ratio_"] if "explained_variance_ratio_" in p.files else None)
 
@@ -154,7 +155,7 @@ def fit_feature_transform(embeddings: np.ndarray | Iterable[np.ndarray], num_com
         raw.add(as64(chunk))
     dim = raw.total.shape[0] if raw.n else 0
     if raw.n <= num_components or num_components > dim:
-        raise ValueError(f"PCA with {num_components} components needs more than {num_components} embeddings "
+        raise InputError(f"PCA with {num_components} components needs more than {num_components} embeddings "
                          f"and dimension >= {num_components}; got {raw.n} x {dim}")
     mean = raw.mean()
     std = np.maximum(np.sqrt(np.maximum(np.diag(raw.outer) / raw.n - mean ** 2, 0.0)), min_std)

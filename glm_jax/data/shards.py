@@ -48,6 +48,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from glm_jax import files
+from glm_jax.errors import CheckpointError, InputError
 
 INFO_FILE = "dataset_info.json"
 TFDS_DIR = "tfds"
@@ -61,7 +62,7 @@ SCALAR_STRING_KEYS = ("contig_id", "genome")
 RECORD_KEYS = NUMERIC_KEYS + INT_KEYS + STRING_KEYS + SCALAR_INT_KEYS + SCALAR_STRING_KEYS
 
 
-class ShardError(IOError):
+class ShardError(InputError):
     """A missing, truncated or corrupt shard; the message names the file."""
 
 
@@ -145,11 +146,12 @@ class ShardWriter:
 def write_dataset_info(out_dir: str | pathlib.Path, info: dict) -> None:
     """Writes our `dataset_info.json` and the tfds metadata (tfds/) for the same shards.
 
-    `info` needs emb_dim, num_pc, max_genes, dtype and splits = {name: {"shards": [...]}}."""
+    `info` needs emb_dim, num_pc, max_genes, dtype and splits = {name: {"shards": [...]}}.
+    dataset_info.json is written last and atomically: it marks the dataset complete."""
     out_dir = pathlib.Path(out_dir)
     info = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **info}
-    files.write_text_atomic(out_dir / INFO_FILE, json.dumps(info, indent=1))
     _write_tfds_metadata(out_dir, info)
+    files.write_text_atomic(out_dir / INFO_FILE, json.dumps(info, indent=1))
 
 
 def _tfds_features(info: dict):
@@ -201,7 +203,7 @@ class _BatchStream:
     def __init__(self, batch_size: int, seed: int, shuffle: bool, num_epochs: int | None,
                  process_index: int, process_count: int, drop_remainder: bool):
         if batch_size < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"need batch_size >= 1 and 0 <= process_index < process_count, got "
+            raise InputError(f"need batch_size >= 1 and 0 <= process_index < process_count, got "
                              f"{batch_size}, {process_index}, {process_count}")
         self.batch_size, self.seed, self.shuffle, self.num_epochs = batch_size, seed, shuffle, num_epochs
         self.process_index, self.process_count, self.drop_remainder = process_index, process_count, drop_remainder
@@ -225,7 +227,7 @@ class _BatchStream:
         """Continue after `state["consumed"]` windows; the rest of the state must match this reader."""
         mismatched = {k: (state.get(k), v) for k, v in self._fingerprint().items() if state.get(k) != v}
         if mismatched:
-            raise ValueError(f"reader state does not match this reader (saved, current): {mismatched}")
+            raise CheckpointError(f"reader state does not match this reader (saved, current): {mismatched}")
         self._consumed = int(state["consumed"])
         self._iterator = None
 
@@ -253,6 +255,9 @@ def _resolve_files(files: str | pathlib.Path | Sequence, split: str) -> list[pat
     """A glob pattern, a make-shards directory (+ split), or a list of files -> sorted paths."""
     if isinstance(files, (str, pathlib.Path)):
         files = pathlib.Path(files)
+        if files.is_dir() and not (files / INFO_FILE).is_file():
+            raise ShardError(f"{files}: no {INFO_FILE}: not a make-shards output, or one that did not finish "
+                             "(rerun make-shards)")
         paths = sorted(files.glob(f"{split}-*-of-*.tfrecord")) if files.is_dir() else sorted(map(pathlib.Path, glob.glob(str(files))))
     else:
         paths = sorted(map(pathlib.Path, files))
@@ -408,7 +413,7 @@ class InMemoryWindows(_BatchStream):
         arrays = {k: np.asarray(v) for k, v in rename_original_arrays(arrays).items()}
         missing = {"inputs_embeds", "labels", "attention_mask"} - set(arrays)
         if missing:
-            raise ValueError(f"window arrays lack {sorted(missing)} (have {sorted(arrays)})")
+            raise InputError(f"window arrays lack {sorted(missing)} (have {sorted(arrays)})")
         n = len(arrays["inputs_embeds"])
         arrays.setdefault("window_index", np.arange(n, dtype=np.int64))
         if "prot_ids" not in arrays:  # the running gene counter, as the writer stores it
@@ -417,7 +422,7 @@ class InMemoryWindows(_BatchStream):
         self.arrays = {k: v[process_index::process_count] for k, v in arrays.items()}
         self.examples_per_epoch = len(self.arrays["inputs_embeds"])
         if self.examples_per_epoch == 0:
-            raise ValueError(f"host {process_index}/{process_count} has no windows (N = {n})")
+            raise InputError(f"host {process_index}/{process_count} has no windows (N = {n})")
 
     @classmethod
     def from_npz(cls, path: str | pathlib.Path, batch_size: int, **kwargs) -> "InMemoryWindows":

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Sequence
 
 from glm_jax.data.genomes import Contig, Gene
+from glm_jax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,7 @@ class WindowConfig:
 
     def __post_init__(self):
         if self.size < 1 or not 1 <= self.step <= self.size or not 1 <= self.minimum <= self.size:
-            raise ValueError(f"need 1 <= stride <= size and 1 <= min_genes <= size, got {self}")
+            raise InputError(f"need 1 <= stride <= size and 1 <= min_genes <= size, got {self}")
 
 
 @dataclasses.dataclass(frozen=True)

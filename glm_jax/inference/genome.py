@@ -50,6 +50,7 @@ from flax import nnx
 
 from glm_jax import files, sharding
 from glm_jax.data import features, genomes
+from glm_jax.errors import InputError
 from glm_jax.model import objective
 from glm_jax.model.glm import GLM
 
@@ -59,7 +60,7 @@ ATTENTION_MODES = (None, "pairs", "maps")
 MANIFEST_FORMAT = 1
 
 
-class InferenceInputError(ValueError):
+class InferenceInputError(InputError):
     """Inputs that cannot be run (no genes, mismatched model/features); names the file or field."""
 
 
@@ -754,9 +755,9 @@ def infer_genomes(genome_paths: Sequence[str | pathlib.Path], checkpoint: str | 
     log(f"{int(plan.offsets[-1])} genes on {len(plan.contigs)} contigs -> {len(plan.windows)} windows of <= "
         f"{options.window} (stride {options.step}) in {len(chunks)} chunks, {len(chunks) - len(todo)} already done; "
         f"{len(devices)} device(s), {runner.batch_size} windows per call; features: {feature_source}")
-    from tqdm.auto import tqdm
+    from glm_jax.progress import Progress
     done_windows = sum(len(chunks[n]) for n in range(len(chunks)) if n not in set(todo))
-    with tqdm(total=len(plan.windows), initial=done_windows, unit="window", desc="infer", disable=not progress) as bar:
+    with Progress(total=len(plan.windows), initial=done_windows, unit="window", desc="infer", enabled=progress) as bar:
         for n in todo:
             write_chunk(out_dir, n, compute_chunk(plan, chunks[n], featurize, runner, options))
             bar.update(len(chunks[n]))

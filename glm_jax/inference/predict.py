@@ -20,8 +20,8 @@ Rows flagged in masked_tokens are set to -1.0 (the original's mask token) before
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
+import zipfile
 from typing import Iterator
 
 import jax
@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glm_jax import kernels
 from glm_jax.model import objective
 from glm_jax.model.batch import validate_batch
 from glm_jax.model.glm import GLM, contacts_from_attentions
 from glm_jax.data.shards import rename_original_arrays
+from glm_jax.errors import InputError, first_line
 
 OUTPUT_KEYS = ("last_hidden_state", "hidden_states", "attentions", "predictions", "probabilities", "contacts")
 
@@ -58,26 +58,6 @@ def _forward(model: GLM, inputs_embeds, attention_mask, masked, labels, *, with_
         result.update(loss=terms.loss, mse=terms.mse, ce=terms.ce, closest=terms.closest)
         result["metric_sums"] = objective.masked_gene_metrics(out.predictions, out.logits, labels, masked)
     return result
-
-
-def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
-    """--attention and --clip-distances, for every command that runs a model."""
-    parser.add_argument("--attention", choices=tuple(kernels.IMPLEMENTATIONS), default=None,
-                        help="attention implementation (default: the checkpoint's, normally 'reference'); "
-                             "only reference and xla_shifted return attention maps")
-    parser.add_argument("--clip-distances", action="store_true", default=None,
-                        help="gene distances beyond the model's max_position_embeddings - 1 use the "
-                             "distance table's end rows (Shaw et al. 2018), so contigs of any length run")
-
-
-def model_changes(args: argparse.Namespace) -> dict:
-    """GLMConfig changes asked for by --dtype, --attention and --clip-distances."""
-    changes = {"compute_dtype": args.dtype}
-    if args.attention is not None:
-        changes["attention"] = args.attention
-    if args.clip_distances:
-        changes["clip_distances"] = True
-    return changes
 
 
 def _minibatches(n: int, size: int) -> Iterator[slice]:
@@ -137,39 +117,13 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     """Reads a forward batch; the original's `embeds`/`label_embeds` names are accepted too."""
     if not pathlib.Path(path).is_file():
         raise FileNotFoundError(f"input not found: {path}")
-    with np.load(path, allow_pickle=False) as data:
-        return rename_original_arrays({key: data[key] for key in data.files})
-
-
-def forward_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="glm-jax forward", description="run gLM on an .npz batch")
-    parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
-    parser.add_argument("--input", required=True, help=".npz with inputs_embeds, attention_mask[, labels, masked_tokens]")
-    parser.add_argument("--output", required=True, help=".npz to write")
-    parser.add_argument("--batch-size", type=int, default=64, help="contigs per device call")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="compute dtype (float16 is what the original's fp16 autocast ran)")
-    parser.add_argument("--label-clip", type=float, default=0.0,
-                        help="clip labels to +-value before the loss; 0 (default) passes them as given, like "
-                             "the original model's forward; its train.py clips at 10")
-    parser.add_argument("--reduction", default="all_positions", choices=objective.REDUCTIONS)
-    add_attention_arguments(parser)
-    args = parser.parse_args(argv)
-    model = load_any_model(args.checkpoint, **model_changes(args))
-    result = forward(model, read_npz(args.input), batch_size=args.batch_size, label_clip=args.label_clip,
-                     source=args.input, reduction=args.reduction)
-    output = pathlib.Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp.npz")
-    np.savez(tmp, **result)
-    tmp.replace(output)
-    summary = "".join(f", {k}={float(result[k]):.4f}" for k in ("loss", "pseudo_accuracy") if k in result)
-    missing = [key for key in OUTPUT_KEYS if key not in result]
-    not_written = (f"; not written: {', '.join(missing)} (attention {model.config.attention!r} keeps no "
-                   "probabilities; use --attention reference or xla_shifted)") if missing else ""
-    print(f"wrote {output}: {result['last_hidden_state'].shape[0]} contigs{summary}; "
-          f"arrays: {', '.join(key for key in OUTPUT_KEYS if key in result)}{not_written}")
-    return 0
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not an .npz file (numpy.savez)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return rename_original_arrays({key: data[key] for key in data.files})
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise InputError(f"{path}: not a readable .npz of numeric arrays: {first_line(error)}") from None
 
 
 @nnx.jit(static_argnames=("all_layers",))
@@ -182,7 +136,7 @@ def _embed_batch(model: GLM, inputs_embeds, attention_mask, *, all_layers: bool)
     return result
 
 
-def embed_windows(model: GLM, batches, *, all_layers: bool = False) -> dict[str, np.ndarray]:
+def embed_windows(model: GLM, batches, *, all_layers: bool = False, source: str = "shards") -> dict[str, np.ndarray]:
     """Per-gene outputs of unmasked windows, padding removed, in reader order.
 
     batches: dicts with inputs_embeds [b, s, f], attention_mask [b, s], gene_ids [b, s], contig_id [b]
@@ -192,7 +146,7 @@ def embed_windows(model: GLM, batches, *, all_layers: bool = False) -> dict[str,
     """
     pieces = []
     for batch in batches:
-        checked = validate_batch(batch, model.config, source="window batch")
+        checked = validate_batch(batch, model.config, source=source)
         out = jax.device_get(_embed_batch(model, jnp.asarray(checked["inputs_embeds"]),
                                           jnp.asarray(checked["attention_mask"]), all_layers=all_layers))
         real = checked["attention_mask"] > 0
@@ -203,34 +157,5 @@ def embed_windows(model: GLM, batches, *, all_layers: bool = False) -> dict[str,
         piece["positions"] = positions.astype(np.int32)
         pieces.append(piece)
     if not pieces:
-        raise ValueError("no windows to embed")
+        raise InputError(f"{source}: no windows to embed")
     return {key: np.concatenate([p[key] for p in pieces]) for key in pieces[0]}
-
-
-def embed_main(argv) -> int:
-    from tqdm import tqdm
-
-    from glm_jax.data.shards import ShardReader
-    parser = argparse.ArgumentParser(prog="glm-jax embed",
-                                     description="gene embeddings and predictions of a trained gLM on shards")
-    parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
-    parser.add_argument("--shards", required=True, help="dataset directory written by make-shards (or shard files)")
-    parser.add_argument("--split", default="eval", help="train or eval")
-    parser.add_argument("--output", required=True, help=".npz to write")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--all-layers", action="store_true", help="also write every layer's hidden state")
-    add_attention_arguments(parser)
-    args = parser.parse_args(argv)
-    model = load_any_model(args.checkpoint, **model_changes(args))
-    reader = ShardReader(args.shards, batch_size=args.batch_size, split=args.split, shuffle=False, num_epochs=1,
-                         drop_remainder=False, include_metadata=True)
-    result = embed_windows(model, tqdm(reader, desc="embed", unit="batch"), all_layers=args.all_layers)
-    output = pathlib.Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp.npz")
-    np.savez(tmp, **result)
-    tmp.replace(output)
-    print(f"wrote {output}: {len(result['gene_ids'])} genes from "
-          f"{len(set(result['contig_ids']))} windows, embeddings {result['embeddings'].shape}")
-    return 0

@@ -15,7 +15,6 @@ nothing is ever unpickled as code.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import re
@@ -23,6 +22,8 @@ from typing import Mapping
 
 import numpy as np
 
+from glm_jax import files
+from glm_jax.errors import CheckpointError, ConfigError, first_line
 from glm_jax.interop.state_dict import StateDictError, read_state_dict, tensor_shape, write_state_dict
 from glm_jax.model import checkpoint
 from glm_jax.model.glm import GLMConfig, abstract_params
@@ -213,7 +214,11 @@ def params_to_torch(params: dict, config: GLMConfig) -> dict[str, np.ndarray]:
 def config_for_conversion(state_dict, hf_config_path=None, config_path=None, overrides=()) -> GLMConfig:
     """The config of a checkpoint being converted: from --hf-config, --config, or the shapes."""
     if hf_config_path:
-        return GLMConfig.from_hf_dict(json.loads(pathlib.Path(hf_config_path).read_text()))
+        try:
+            hf_config = json.loads(pathlib.Path(hf_config_path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{hf_config_path}: not a JSON config: {first_line(error)}") from None
+        return GLMConfig.from_hf_dict(hf_config)
     if config_path:
         from glm_jax.config import load_config
         from glm_jax.model.glm import config_from_dict_like
@@ -221,39 +226,30 @@ def config_for_conversion(state_dict, hf_config_path=None, config_path=None, ove
     return infer_config(strip_wrappers(state_dict))
 
 
-def convert_torch_main(argv) -> int:
-    from glm_jax.config import split_config_args
-    argv, overrides = split_config_args(argv)
-    parser = argparse.ArgumentParser(prog="glm-jax convert-torch", description=__doc__.split("\n")[0])
-    parser.add_argument("source", help="original gLM state dict (glm.bin, pytorch_model.bin, .safetensors)")
-    parser.add_argument("destination", help="glm-jax model directory to write")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--config", help="glm-jax config file (plus --config.x=y overrides)")
-    group.add_argument("--hf-config", help="the original's RobertaConfig as JSON (config.json)")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    state_dict = read_state_dict(args.source)
-    config = config_for_conversion(state_dict, args.hf_config, args.config, overrides)
-    params, dropped = torch_to_params(state_dict, config)
-    model = checkpoint.model_from_params(config, params, source=f"tensors of {args.source}")
-    checkpoint.save_model(args.destination, model, overwrite=args.overwrite)
-    used = sum(np.size(t) for t in state_dict.values()) - sum(np.size(state_dict[k]) for k in dropped)
-    print(f"converted {args.source} -> {args.destination}: {used:,} parameters used by the forward pass; "
-          f"dropped {len(dropped)} unused tensors ({sum(np.size(state_dict[k]) for k in dropped):,} values)")
-    return 0
+def convert_torch(source: str | pathlib.Path, destination: str | pathlib.Path, *, hf_config_path=None,
+                  config_path=None, overrides=(), overwrite: bool = False) -> dict:
+    """Original state dict file -> glm-jax model directory; returns counts of what was kept."""
+    state_dict = read_state_dict(source)
+    try:
+        config = config_for_conversion(state_dict, hf_config_path, config_path, overrides)
+        params, dropped = torch_to_params(state_dict, config)
+    except ConfigError:
+        raise
+    except ValueError as error:  # the tensors of `source` are at fault: say which file
+        raise CheckpointError(f"{source}: {error}") from None
+    model = checkpoint.model_from_params(config, params, source=f"tensors of {source}")
+    checkpoint.save_model(destination, model, overwrite=overwrite)
+    dropped_values = sum(np.size(state_dict[k]) for k in dropped)
+    return {"used_values": sum(np.size(t) for t in state_dict.values()) - dropped_values,
+            "dropped_tensors": len(dropped), "dropped_values": dropped_values}
 
 
-def export_torch_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="glm-jax export-torch",
-                                     description="glm-jax model directory -> original gLM state dict")
-    parser.add_argument("source", help="glm-jax model directory")
-    parser.add_argument("destination", help="output .bin/.pt (torch.save) or .safetensors")
-    args = parser.parse_args(argv)
-    model = checkpoint.load_model(args.source)
+def export_torch(source: str | pathlib.Path, destination: str | pathlib.Path) -> tuple[int, pathlib.Path]:
+    """glm-jax model directory -> original-layout state dict at `destination` plus its
+    RobertaConfig JSON beside it (DEST.config.json); returns (tensor count, config path)."""
+    model = checkpoint.load_model(source)
     state_dict = params_to_torch(checkpoint.params_as_dict(model), model.config)
-    write_state_dict(args.destination, state_dict)
-    config_path = pathlib.Path(args.destination).with_suffix(".config.json")
-    config_path.write_text(json.dumps(model.config.to_hf_dict(), indent=2))
-    print(f"exported {args.source} -> {args.destination} ({len(state_dict)} tensors) and {config_path}; "
-          "load it into the original gLM with load_state_dict(..., strict=False), as its glm_embed.py does")
-    return 0
+    write_state_dict(destination, state_dict)
+    config_path = pathlib.Path(destination).with_suffix(".config.json")
+    files.write_text_atomic(config_path, json.dumps(model.config.to_hf_dict(), indent=2))
+    return len(state_dict), config_path

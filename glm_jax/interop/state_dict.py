@@ -14,9 +14,10 @@ from typing import Mapping
 import numpy as np
 
 from glm_jax import files
+from glm_jax.errors import CheckpointError
 
 
-class StateDictError(ValueError):
+class StateDictError(CheckpointError):
     """A file that is not a readable state dict, or a tensor missing or of the wrong shape."""
 
 

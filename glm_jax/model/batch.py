@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from glm_jax.errors import InputError
 from glm_jax.model.glm import GLMConfig
 
 
-class BatchError(ValueError):
+class BatchError(InputError):
     """A batch that does not fit the model; the message names the source, the field and the rows."""
 
 

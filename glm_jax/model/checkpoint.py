@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from glm_jax import files
+from glm_jax.errors import CheckpointError
 from glm_jax.model.glm import GLM, GLMConfig, abstract_model
 
 CONFIG_FILE = "glm_config.json"
@@ -60,8 +61,8 @@ def model_from_params(config: GLMConfig, params: dict, source: str = "parameters
     graphdef, state = nnx.split(abstract_model(config))
     problems = shape_mismatches(nnx.to_pure_dict(state), params)
     if problems:
-        raise ValueError(f"{source} do not fit a model of this config ({len(problems)} problems): "
-                         + "; ".join(problems[:20]))
+        raise CheckpointError(f"{source} do not fit a model of this config ({len(problems)} problems): "
+                              + "; ".join(problems[:20]))
     dtype = np.dtype(config.param_dtype)
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jax.numpy.asarray(x, dtype), params))
     return nnx.merge(graphdef, state)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm_jax import kernels, sharding
+from glm_jax.errors import ConfigError, InputError
 from glm_jax.model.attention import attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -59,22 +60,22 @@ class GLMConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
-            raise ValueError(f"position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, "
-                             f"got {self.position_embedding_type!r}")
+            raise ConfigError(f"position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, "
+                              f"got {self.position_embedding_type!r}")
         if self.num_pred < 2:
-            raise ValueError("num_pred must be >= 2 (the multi-hypothesis head with probabilities)")
+            raise ConfigError("num_pred must be >= 2 (the multi-hypothesis head with probabilities)")
         if self.max_genes > self.max_position_embeddings and not self.clip_distances:
-            raise ValueError(f"max_genes {self.max_genes} exceeds max_position_embeddings "
-                             f"{self.max_position_embeddings}: distances would fall off the table "
-                             "(clip_distances=True maps them to its end rows)")
+            raise ConfigError(f"max_genes {self.max_genes} exceeds max_position_embeddings "
+                              f"{self.max_position_embeddings}: distances would fall off the table "
+                              "(clip_distances=True maps them to its end rows)")
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
         kernels.check_name(self.attention)
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}")
+            raise ConfigError(f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}")
 
     @property
     def head_dim(self) -> int:
@@ -90,7 +91,7 @@ class GLMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown GLMConfig fields: {unknown}")
+            raise ConfigError(f"unknown GLMConfig fields: {unknown}")
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -103,9 +104,9 @@ class GLMConfig:
     def from_hf_dict(cls, hf: dict, **overrides) -> "GLMConfig":
         """From the original's RobertaConfig JSON (with its extra emb_dim/num_pc/num_pred fields)."""
         if hf.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"only hidden_act='gelu' is supported, got {hf['hidden_act']!r}")
+            raise ConfigError(f"only hidden_act='gelu' is supported, got {hf['hidden_act']!r}")
         if not hf.get("predict_probs", True):
-            raise ValueError("predict_probs=False (single-hypothesis gLM) is not supported")
+            raise ConfigError("predict_probs=False (single-hypothesis gLM) is not supported")
         values = dict(
             emb_dim=hf.get("emb_dim", 1281),
             hidden_size=hf.get("hidden_size", 768),
@@ -123,8 +124,8 @@ class GLMConfig:
             initializer_range=hf.get("initializer_range", 0.02),
         )
         if values["position_embedding_type"] == "absolute":
-            raise ValueError("absolute position embeddings are not part of gLM; "
-                             "the original uses position_embedding_type='relative_key_query'")
+            raise ConfigError("absolute position embeddings are not part of gLM; "
+                              "the original uses position_embedding_type='relative_key_query'")
         values["max_genes"] = min(30, values["max_position_embeddings"])
         values.update(overrides)
         return cls(**values)
@@ -355,7 +356,7 @@ class GLM(nnx.Module):
         """
         config = self.config
         if inputs_embeds.shape[-1] != config.emb_dim:
-            raise ValueError(f"inputs_embeds has {inputs_embeds.shape[-1]} features per gene; "
+            raise InputError(f"inputs_embeds has {inputs_embeds.shape[-1]} features per gene; "
                              f"the model expects emb_dim={config.emb_dim}")
         kernels.check_length(inputs_embeds.shape[1], config.max_position_embeddings, config.clip_distances)
         embed_rng, encoder_rng = (jax.random.split(dropout_rng) if dropout_rng is not None else (None, None))

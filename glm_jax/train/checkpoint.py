@@ -28,6 +28,7 @@ from flax import nnx
 
 from glm_jax import files
 from glm_jax.model import checkpoint
+from glm_jax.errors import CheckpointError
 from glm_jax.model.glm import GLM, GLMConfig, abstract_params
 
 CHECKPOINT_DIR = "checkpoints"
@@ -38,16 +39,19 @@ ARCHITECTURE_FIELDS = ("emb_dim", "hidden_size", "num_layers", "num_heads", "int
                        "num_pred")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint that does not fit the current config (architecture, shapes or optimizer)."""
 
 
 def write_run_config(workdir: str | pathlib.Path, model_config: GLMConfig, run_config: Any) -> None:
-    """Writes glm_config.json (refusing to replace one of another architecture) and config.json."""
+    """Writes glm_config.json and config.json, refusing to replace a glm_config.json of another
+    architecture once the workdir holds checkpoints (before that, a run that failed at its start
+    must not stop the corrected command)."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / checkpoint.CONFIG_FILE
-    if path.is_file():
+    has_checkpoints = (workdir / CHECKPOINT_DIR).is_dir() and any((workdir / CHECKPOINT_DIR).iterdir())
+    if path.is_file() and has_checkpoints:
         _check_architecture(json.loads(path.read_text()), model_config, f"{workdir} (glm_config.json)")
     for name, text in ((checkpoint.CONFIG_FILE, json.dumps(model_config.to_dict(), indent=2)),
                        (RUN_CONFIG_FILE, run_config.to_json_best_effort(indent=2))):

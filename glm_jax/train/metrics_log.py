@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import sys
 import time
 from typing import Optional
 
@@ -50,7 +49,7 @@ class MetricsLogger:
     """Writes metrics of one run to JSON lines and TensorBoard, and drives a tqdm progress bar.
 
     start_step: the step the run resumes from (0 for a fresh run); total_steps: for the ETA.
-    progress: show a bar (default: when stderr is a terminal).
+    progress: show progress (glm_jax.progress: a bar on a terminal, else a line every 30 s); default on.
     """
 
     def __init__(self, workdir: str | pathlib.Path, start_step: int, total_steps: int, *,
@@ -66,9 +65,9 @@ class MetricsLogger:
         if tensorboard:
             from tensorboardX import SummaryWriter
             self._writer = SummaryWriter(str(pathlib.Path(workdir) / TENSORBOARD_DIR), purge_step=start_step + 1)
-        if progress if progress is not None else sys.stderr.isatty():
-            from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        if progress is None or progress:
+            from glm_jax.progress import Progress
+            self._bar = Progress(total=total_steps, initial=start_step, unit="step", desc="train")
 
     def write(self, step: int, split: str, metrics: dict) -> None:
         """Logs scalars (and lists, e.g. a histogram's counts) of `split` at `step`."""

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from glm_jax.errors import ConfigError
+
 SCHEDULES = ("warmup_constant", "warmup_cosine", "warmup_linear")
 
 
@@ -22,7 +24,7 @@ def learning_rate_schedule(opt_config: Any, num_steps: int) -> optax.Schedule:
     decay to 0 at `num_steps`. The first update (index 0) uses lr 0, as HF's LambdaLR does."""
     peak, warmup, kind = opt_config.learning_rate, int(opt_config.warmup_steps), opt_config.schedule
     if kind not in SCHEDULES:
-        raise ValueError(f"optimizer.schedule must be one of {SCHEDULES}, got {kind!r}")
+        raise ConfigError(f"optimizer.schedule must be one of {SCHEDULES}, got {kind!r}")
     decay_steps = max(num_steps - warmup, 1)
     after = {
         "warmup_constant": lambda: optax.constant_schedule(peak),

@@ -13,7 +13,6 @@ the gradient of one k-times-larger batch.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import pathlib
@@ -34,7 +33,7 @@ from glm_jax.model import objective
 from glm_jax.model.batch import validate_batch
 from glm_jax.train import optim
 from glm_jax.train import checkpoint as train_checkpoint
-from glm_jax.config import load_config, split_config_args
+from glm_jax.errors import ConfigError
 from glm_jax.model.glm import GLMConfig, abstract_model, abstract_params, config_from_dict_like, create_model
 
 BATCH_KEYS = ("inputs_embeds", "labels", "attention_mask")
@@ -212,7 +211,7 @@ def open_reader(pattern: str, split: str, batch_size_per_host: int, seed: int, s
     needed) or TFRecord shards (a glob, or a make-shards directory read with `split`)."""
     from glm_jax.data import shards
     if not pattern:
-        raise ValueError(f"config.data.{split}_pattern is empty: point it at make-shards output or an .npz of windows")
+        raise ConfigError(f"config.data.{split}_pattern is empty: point it at make-shards output or an .npz of windows")
     common = dict(seed=seed, shuffle=shuffle, process_index=jax.process_index(), process_count=jax.process_count())
     if pattern.endswith(".npz"):
         return shards.InMemoryWindows.from_npz(pattern, batch_size_per_host, **common)
@@ -279,8 +278,8 @@ def per_host_batch_size(batch_size: int, accumulation_steps: int, mesh) -> int:
     """Windows each host reads per step; fails unless every device gets whole microbatches."""
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % (batch_devices * accumulation_steps) or batch_size % jax.process_count():
-        raise ValueError(f"train.batch_size {batch_size} must be divisible by data x fsdp = {batch_devices} times "
-                         f"train.accumulation_steps = {accumulation_steps}, and by the {jax.process_count()} hosts")
+        raise ConfigError(f"train.batch_size {batch_size} must be divisible by data x fsdp = {batch_devices} times "
+                          f"train.accumulation_steps = {accumulation_steps}, and by the {jax.process_count()} hosts")
     return batch_size // jax.process_count()
 
 
@@ -294,30 +293,31 @@ def evaluate(eval_fn, params, eval_data, start_position: dict, num_batches: int,
 
 def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optional[Iterator] = None,
                        eval_data: Optional[Iterator] = None,
-                       devices: Optional[list[jax.Device]] = None) -> TrainResult:
+                       devices: Optional[list[jax.Device]] = None, progress: Optional[bool] = None) -> TrainResult:
     """Trains `config` in `workdir`, resuming from its newest checkpoint if there is one.
 
     train_data / eval_data: readers with the `glm_jax.data.shards` contract (iteration, `state()`,
     `restore()`); by default opened from `config.data.{train,eval}_pattern`.
     devices: the mesh's devices (default: all of every host).
+    progress: progress on stderr (glm_jax.progress; default on), False for none.
     """
     model_config = config_from_dict_like(config.model)
     kernels.check_dropout(model_config.attention, model_config.attention_dropout)
     if model_config.compute_dtype == "float16":
-        raise ValueError("compute_dtype float16 needs loss scaling, which glm-jax does not implement; "
-                         "train in bfloat16 (same speed, float32 range) or float32")
+        raise ConfigError("compute_dtype float16 needs loss scaling, which glm-jax does not implement; "
+                          "train in bfloat16 (same speed, float32 range) or float32")
     t = config.train
     mesh = sharding.make_mesh(config.mesh, devices)
     batch_per_host = per_host_batch_size(t.batch_size, t.accumulation_steps, mesh)
     tx, schedule = optim.create_optimizer(config.optimizer, t.num_steps)
     obj = ObjectiveConfig.from_config(config.objective)
-    train_checkpoint.write_run_config(workdir, model_config, config)
-    checkpointer = train_checkpoint.TrainCheckpointer(workdir, t.keep_checkpoints)
-    if train_data is None:
+    if train_data is None:  # opened before anything is written: bad data leaves no workdir behind
         train_data = open_reader(config.data.train_pattern, "train", batch_per_host, t.seed, True,
                                  config.data.shuffle_buffer or None)
     if eval_data is None and config.data.eval_pattern:
         eval_data = open_reader(config.data.eval_pattern, "eval", batch_per_host, t.seed, False)
+    train_checkpoint.write_run_config(workdir, model_config, config)
+    checkpointer = train_checkpoint.TrainCheckpointer(workdir, t.keep_checkpoints)
     eval_start = eval_data.state() if eval_data is not None else None
     base_rng, eval_rng = jax.random.split(jax.random.key(t.seed))
 
@@ -353,7 +353,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optio
         compiled_step = step_fn.lower(state, device_batch(host_batch, batch_sharding), base_rng).compile()
         genes = host_batch["inputs_embeds"].shape[1]
         flops_per_step = flops.train_flops_per_step(model_config, t.batch_size, genes)
-        logger = metrics_log.MetricsLogger(workdir, start, t.num_steps, is_primary=jax.process_index() == 0)
+        logger = metrics_log.MetricsLogger(workdir, start, t.num_steps, is_primary=jax.process_index() == 0,
+                                           progress=progress)
         logger.message(f"glm-jax train: {'resuming at step ' + str(start) if start else 'new run'} in {workdir}; "
                        f"mesh {dict(mesh.shape)}; {flops.parameter_count(model_config):,} parameters; "
                        f"{flops_per_step / 1e12:.3g} TFLOP/step; compiled in {time.perf_counter() - compile_start:.1f}s")
@@ -398,22 +399,3 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optio
         checkpointer.close()
         logger.close()
     return TrainResult(step=step, train=last_train, eval=last_eval, preempted=preempted, state=state)
-
-
-def train_main(argv) -> int:
-    """`glm-jax train --config FILE --workdir DIR [--distributed] [--config.x.y=value ...]`."""
-    rest, overrides = split_config_args(argv)
-    parser = argparse.ArgumentParser(prog="glm-jax train", description="train gLM (any mesh, resumable)")
-    parser.add_argument("--config", required=True, help="Python config file (configs/*.py)")
-    parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/; resumed if present")
-    parser.add_argument("--distributed", action="store_true",
-                        help="multi-host: jax.distributed.initialize() from the SLURM / TPU environment first")
-    args = parser.parse_args(rest)
-    if args.distributed:
-        jax.distributed.initialize()
-    config = load_config(args.config, overrides)
-    result = train_and_evaluate(config, args.workdir)
-    final = {k: round(v, 5) for k, v in result.eval.items() if k in ("loss", "pseudo_accuracy")}
-    print(f"glm-jax train: stopped at step {result.step}{' (preempted)' if result.preempted else ''}"
-          f"{'; eval ' + str(final) if final else ''}")
-    return 0

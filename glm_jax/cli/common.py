@@ -1,0 +1,110 @@
+"""What several commands share: parsers, the options of commands that run a model, output paths."""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+
+from glm_jax.errors import InputError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parser(command: str, description: str, **kwargs) -> argparse.ArgumentParser:
+    """The argument parser of `glm-jax COMMAND` (its errors read `glm-jax COMMAND: error: ...`)."""
+    return argparse.ArgumentParser(prog=f"glm-jax {command}", description=description, **kwargs)
+
+
+def add_model_run_arguments(parser: argparse.ArgumentParser, batch_help: str = "contigs per device call",
+                            batch_size: int = 64, attention_options: bool = True) -> None:
+    """--checkpoint, --batch-size, --dtype, --attention, --clip-distances: the options of every
+    command that runs a trained model (`model_changes` turns them into GLMConfig changes)."""
+    parser.add_argument("--checkpoint", required=True, help="model directory or training workdir")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help=batch_help)
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="compute dtype (float16 is what the original's fp16 autocast ran)")
+    if not attention_options:  # infer: its --attention selects outputs, --attention-impl the kernel
+        return
+    from glm_jax import kernels
+    parser.add_argument("--attention", choices=tuple(kernels.IMPLEMENTATIONS), default=None,
+                        help="attention implementation (default: the checkpoint's, normally 'reference'); "
+                             "only reference and xla_shifted return attention maps")
+    parser.add_argument("--clip-distances", action="store_true", default=None,
+                        help="gene distances beyond the model's max_position_embeddings - 1 use the "
+                             "distance table's end rows (Shaw et al. 2018), so contigs of any length run")
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress output (default: a bar on a terminal, else a line every 30 s)")
+
+
+def add_unknown_residue_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--map-unknown-to-x", action="store_true",
+                        help="embed protein residues outside the ESM2 alphabet (digits, '%%', internal '*') as X "
+                             "instead of refusing the record")
+
+
+def unknown_residues(args: argparse.Namespace) -> str:
+    """The `unknown` policy of glm_jax.data.fasta for the parsed arguments."""
+    return "x" if args.map_unknown_to_x else "error"
+
+
+def model_changes(args: argparse.Namespace) -> dict:
+    """GLMConfig fields the model-run options change at load time (numerics only, never shapes)."""
+    changes = {"compute_dtype": args.dtype}
+    if args.attention is not None:
+        changes["attention"] = args.attention
+    if args.clip_distances:
+        changes["clip_distances"] = True
+    return changes
+
+
+def load_model(args: argparse.Namespace):
+    """The model named by --checkpoint, with `model_changes(args)` applied."""
+    from glm_jax.inference.predict import load_any_model
+    return load_any_model(args.checkpoint, **model_changes(args))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def output_file(path: str | pathlib.Path) -> pathlib.Path:
+    """Checks, before any work, that the file `path` can be written (see `writable`)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise InputError(f"output {path} is a directory; give a file name")
+    writable(path.absolute().parent)
+    return path
+
+
+def output_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """Checks, before any work, that the folder `path` can be written (see `writable`)."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output {path} exists and is not a directory")
+    writable(path.absolute())
+    return path
+
+
+def writable(folder: pathlib.Path) -> None:
+    """Raises InputError unless files can be written in `folder` (absolute): it, or its nearest
+    existing ancestor when it is missing, must be a writable directory. Nothing is created here,
+    so a run that fails later leaves no empty folders behind."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot write into {folder}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write into {folder}: {existing} is not writable")
+
+
+def save_npz(path: pathlib.Path, arrays: dict) -> None:
+    """Writes the output .npz atomically (its folder created if missing)."""
+    from glm_jax import files
+    files.savez_atomic(path, **arrays)
