@@ -39,6 +39,8 @@ _EXPORTS = {
     "contig_windows": "glm_jax.data.windows",
     "ShardReader": "glm_jax.data.shards",
     "InMemoryWindows": "glm_jax.data.shards",
+    "make_shards": "glm_jax.data.make_shards",
+    "fit_normalization": "glm_jax.data.make_shards",
     # proteins
     "load_esm2": "glm_jax.proteins.esm2",
     "EmbeddingStore": "glm_jax.proteins.embed",
@@ -47,6 +49,13 @@ _EXPORTS = {
     "train_and_evaluate": "glm_jax.train.trainer",
     # PyTorch interop
     "read_state_dict": "glm_jax.interop.state_dict",
+    "convert_torch": "glm_jax.interop.convert",
+    "export_torch": "glm_jax.interop.convert",
+    # errors (glm_jax/errors.py): what the command line reports as one line, exit status 2
+    "GlmJaxError": "glm_jax.errors",
+    "InputError": "glm_jax.errors",
+    "ConfigError": "glm_jax.errors",
+    "CheckpointError": "glm_jax.errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -74,7 +74,7 @@ def test_forward_names_the_file_and_the_array(files, tmp_path, capsys):
     out = tmp_path / "out.npz"
     run = ("forward", "--checkpoint", files / "model", "--output", out, "--input")
     line = fails(capsys, *run, files / "wide.npz")
-    assert "wide.npz" in line and "inputs_embeds must be [batch, genes, 9], got [2, 6, 10]" in line
+    assert "wide.npz" in line and "inputs_embeds must be [batch, genes, 9]" in line and "got [2, 6, 10]" in line
     line = fails(capsys, *run, files / "nan.npz")
     assert "nan.npz" in line and "NaN" in line and "[[1, 2]]" in line
     line = fails(capsys, *run, files / "no_mask.npz")
@@ -138,7 +138,7 @@ def test_train_errors_leave_no_workdir(files, tmp_path, capsys):
     ("empty.gb", "", "no genbank records"),
     ("cut.gb", GENBANK[:300], "malformed genbank record 1"),
     ("cut.gb.gz", gzip.compress(GENBANK.encode())[:60], "malformed genbank record 1"),
-    ("digits.gb", GENBANK.replace("MKVLA", "MK1%A"), "CDS 'ctg1_cds1': protein has invalid letters '%1'"),
+    ("digits.gb", GENBANK.replace("MKVLA", "MK1%A"), "CDS 'ctg1_cds1': invalid residue '1' at position 3"),
     ("columns.gff3", "##gff-version 3\nctg1\tx\tCDS\t1\n", "line 2: expected 9 tab-separated GFF3 columns"),
     ("empty.gff3", "", "no ##FASTA section"),
     ("three_genes.gb", GENBANK, "every contig has fewer than 16 genes"),
@@ -195,7 +195,7 @@ def test_embed_proteins_refuses_unknown_residues_unless_asked(tiny_esm2_dir, tmp
     store = tmp_path / "store"
     run = ("embed-proteins", fasta, "--store", store, "--model", tiny_esm2_dir, "--quiet")
     line = fails(capsys, *run)
-    assert "p.fa:3: record 'b': invalid residue '1' at position 3" in line
+    assert "p.fa: record 'b' (line 3): invalid residue '1' at position 3" in line and "--map-unknown-to-x" in line
     assert not store.exists()
     assert cli.main([str(a) for a in run] + ["--map-unknown-to-x"]) == 0
     from glm_jax.proteins.embed import EmbeddingStore

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import pathlib
 
 from glm_jax.cli import common
 
