@@ -43,16 +43,21 @@ class CheckpointMismatchError(CheckpointError):
     """A checkpoint that does not fit the current config (architecture, shapes or optimizer)."""
 
 
-def write_run_config(workdir: str | pathlib.Path, model_config: GLMConfig, run_config: Any) -> None:
-    """Writes glm_config.json and config.json, refusing to replace a glm_config.json of another
-    architecture once the workdir holds checkpoints (before that, a run that failed at its start
-    must not stop the corrected command)."""
+def check_workdir_architecture(workdir: str | pathlib.Path, model_config: GLMConfig) -> None:
+    """Refuses a workdir whose checkpoints belong to another architecture (its glm_config.json);
+    a workdir without checkpoints (a run that failed at its start) is never refused."""
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / checkpoint.CONFIG_FILE
     has_checkpoints = (workdir / CHECKPOINT_DIR).is_dir() and any((workdir / CHECKPOINT_DIR).iterdir())
     if path.is_file() and has_checkpoints:
         _check_architecture(json.loads(path.read_text()), model_config, f"{workdir} (glm_config.json)")
+
+
+def write_run_config(workdir: str | pathlib.Path, model_config: GLMConfig, run_config: Any) -> None:
+    """Writes glm_config.json and config.json after `check_workdir_architecture`."""
+    check_workdir_architecture(workdir, model_config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     for name, text in ((checkpoint.CONFIG_FILE, json.dumps(model_config.to_dict(), indent=2)),
                        (RUN_CONFIG_FILE, run_config.to_json_best_effort(indent=2))):
         files.write_text_atomic(workdir / name, text)

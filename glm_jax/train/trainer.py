@@ -311,6 +311,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optio
     batch_per_host = per_host_batch_size(t.batch_size, t.accumulation_steps, mesh)
     tx, schedule = optim.create_optimizer(config.optimizer, t.num_steps)
     obj = ObjectiveConfig.from_config(config.objective)
+    train_checkpoint.check_workdir_architecture(workdir, model_config)
     if train_data is None:  # opened before anything is written: bad data leaves no workdir behind
         train_data = open_reader(config.data.train_pattern, "train", batch_per_host, t.seed, True,
                                  config.data.shuffle_buffer or None)
