@@ -127,7 +127,7 @@ def test_cli_make_shards_and_fit_normalization(shared_data, tmp_path, monkeypatc
     assert cli.main(["make-shards", genome, "--out", str(tmp_path / "a"), "--num-components", "6", "--window", "20",
                                       "--stride", "10", "--split-by", "window", "--num-shards", "4", "--no-progress"]) == 0
     info = shards.load_dataset_info(tmp_path / "a")
-    assert info["window"] == {"size": 20, "min_genes": 11, "stride": 10} and info["esm2"]["model_dir"] == "stand-in"
+    assert info["window"] == {"size": 20, "min_genes": 11, "stride": 10, "pad_to_multiple": 1, "padded_genes": 20} and info["esm2"]["model_dir"] == "stand-in"
     assert sum(s["num_windows"] for s in info["splits"].values()) == 24  # 245 genes: starts 0, 10, ..., 230
     assert len(info["splits"]["train"]["shards"]) == 4
     # fit-normalization on stored embeddings, then make-shards with it
