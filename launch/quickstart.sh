@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quickstart, end to end on one machine (CPU is enough: ~10-15 min on 2 cores):
 #   real genomes (data/genomes) -> ESM2-8M features -> TFRecord shards -> train a small gLM
-#   -> gene embeddings of the held-out windows.
+#   -> gene embeddings of the held-out windows -> per-gene results of a whole genome (infer).
 # Usage: launch/quickstart.sh [RUN_DIR]   (default runs/quickstart; rerunning resumes every stage)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,3 +21,7 @@ fi
 glm-jax train --config configs/quickstart.py --workdir "$RUN/train" \
     --config.data.train_pattern="$RUN/shards" --config.data.eval_pattern="$RUN/shards"
 glm-jax embed --checkpoint "$RUN/train" --shards "$RUN/shards" --split eval --output "$RUN/eval_embeddings.npz"
+# Per-gene results of a whole shipped genome (every CDS, overlapping windows, adjacent-pair attention
+# features for the operon analysis); its proteins are already in the ESM2 store from make-shards.
+glm-jax infer data/genomes/pharokka_SAOMS1_MW460250_standard.gbk.gz --checkpoint "$RUN/train" \
+    --output "$RUN/infer" --attention pairs --hypotheses

@@ -261,3 +261,17 @@ def model_tables(genes: "pd.DataFrame", features: np.ndarray, model, window: int
     for name, values in (("embedding", hidden), ("hypotheses", hypotheses), ("probabilities", probabilities)):
         genes[name] = list((values[covered] / seen[covered, None]).astype(np.float32))
     return genes, pairs
+
+
+def fails(capsys, *argv, code=2):
+    """Runs `glm-jax ARGV` in-process; returns its one error line after checking the contract.
+    code: the exit status expected (None: any non-zero one)."""
+    from glm_jax.cli import main as cli
+
+    status = cli.main([str(a) for a in argv])
+    assert status != 0 if code is None else status == code
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"glm-jax {argv[0]}: error: "), captured.err
+    assert "Traceback" not in captured.err + captured.out
+    return lines[0]

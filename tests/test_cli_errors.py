@@ -15,6 +15,7 @@ from glm_jax.data import make_shards, shards
 from glm_jax.interop import convert
 from glm_jax.model import checkpoint
 from glm_jax.model.glm import GLMConfig, create_model
+from helpers import fails
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = GLMConfig(emb_dim=9, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
@@ -56,18 +57,6 @@ def files(tmp_path_factory):
     (root / "text.npz").write_text("inputs_embeds\n")
     (root / "a_file").write_text("")
     return root
-
-
-def fails(capsys, *argv, code=2):
-    """Runs `glm-jax ARGV` in-process; returns its one error line after checking the contract.
-    code: the exit status expected (None: any non-zero one)."""
-    status = cli.main([str(a) for a in argv])
-    assert status != 0 if code is None else status == code
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"glm-jax {argv[0]}: error: "), captured.err
-    assert "Traceback" not in captured.err + captured.out
-    return lines[0]
 
 
 def test_forward_names_the_file_and_the_array(files, tmp_path, capsys):

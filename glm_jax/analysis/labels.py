@@ -12,12 +12,13 @@ import numpy as np
 import pandas as pd
 
 from glm_jax.analysis.tables import require_columns
+from glm_jax.errors import InputError
 
 PROBE_TASKS = ("ec_class", "is_phage", "phrog")
 UNKNOWN_PHROG = "unknown function"
 
 
-class LabelsMismatchError(ValueError):
+class LabelsMismatchError(InputError):
     """A labels table that does not describe the genome it is joined to."""
 
 
@@ -86,7 +87,7 @@ def probe_labels(genes: pd.DataFrame, task: str) -> tuple[np.ndarray, np.ndarray
         require_columns(genes, ("function",), "gene table (PHROG probe)")
         names = genes["function"].where(genes["function"] != UNKNOWN_PHROG)
     else:
-        raise ValueError(f"unknown probe task {task!r} (known: {', '.join(PROBE_TASKS)})")
+        raise InputError(f"unknown probe task {task!r} (known: {', '.join(PROBE_TASKS)})")
     keep = names.notna().to_numpy()
     classes = ["other", "phage"] if task == "is_phage" else sorted(set(names[keep]))
     index = {c: i for i, c in enumerate(classes)}

@@ -30,6 +30,7 @@ import pandas as pd
 from glm_jax import files
 from glm_jax.analysis import labels as labels_lib
 from glm_jax.analysis import tables
+from glm_jax.errors import InputError
 
 ZERO_SHOT_SETS = ("esm2_cosine",)
 DISTANCE_CLIP_BP = (-200.0, 2000.0)
@@ -46,7 +47,7 @@ class LogisticModel:
         """[pairs, features] -> [pairs] float64."""
         features = np.asarray(features, np.float64)
         if features.ndim != 2 or features.shape[1] != self.coef.shape[0]:
-            raise ValueError(f"the {self.feature_set} predictor takes {self.coef.shape[0]} features per pair, "
+            raise InputError(f"the {self.feature_set} predictor takes {self.coef.shape[0]} features per pair, "
                              f"got an array of shape {list(features.shape)}")
         logits = features @ self.coef + self.intercept
         return 0.5 * (1.0 + np.tanh(0.5 * logits))  # sigmoid without overflow warnings
@@ -68,7 +69,7 @@ def load_predictor(path: str | pathlib.Path) -> LogisticModel:
         return LogisticModel(np.asarray(arrays["coef_"], np.float64).reshape(-1), float(arrays["intercept_"].reshape(-1)[0]))
     if "coef" in arrays and "intercept" in arrays:
         return LogisticModel(np.asarray(arrays["coef"], np.float64), float(arrays["intercept"]), str(arrays["feature_set"]))
-    raise ValueError(f"{path}: not an operon predictor (needs coef/intercept or sklearn's coef_/intercept_, "
+    raise InputError(f"{path}: not an operon predictor (needs coef/intercept or sklearn's coef_/intercept_, "
                      f"has {sorted(arrays)})")
 
 
@@ -78,7 +79,7 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, feature_set: str) -> 
 
     features = np.asarray(features, np.float64)
     if len(np.unique(labels)) < 2:
-        raise ValueError(f"cannot fit the {feature_set} predictor: the training pairs hold one class only")
+        raise InputError(f"cannot fit the {feature_set} predictor: the training pairs hold one class only")
     mean, scale = features.mean(0), features.std(0)
     scale = np.where(scale > 0, scale, 1.0)
     regression = LogisticRegression(C=1.0, max_iter=5000).fit((features - mean) / scale, labels)
@@ -89,7 +90,7 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, feature_set: str) -> 
 def block_folds(num_pairs: int, num_folds: int) -> np.ndarray:
     """[pairs] fold index: `num_folds` contiguous blocks of (nearly) equal size, in table order."""
     if num_pairs < num_folds:
-        raise ValueError(f"{num_pairs} gene pairs cannot be split into {num_folds} folds")
+        raise InputError(f"{num_pairs} gene pairs cannot be split into {num_folds} folds")
     return (np.arange(num_pairs) * num_folds) // num_pairs
 
 

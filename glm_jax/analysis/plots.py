@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from glm_jax import files
+from glm_jax.errors import InputError
 
 FORMATS = ("png", "svg")
 
@@ -28,7 +29,7 @@ def _save(figure, path: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(path)
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in FORMATS:
-        raise ValueError(f"{path}: plots are written as {' or '.join(FORMATS)} (from the file name)")
+        raise InputError(f"{path}: plots are written as {' or '.join(FORMATS)} (from the file name)")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         return files.atomic_write(path, lambda handle: figure.savefig(handle, format=fmt, dpi=110, bbox_inches="tight"))
@@ -86,7 +87,7 @@ def attention_map(attention: np.ndarray, path: str | pathlib.Path, *, names: Seq
     operons (runs of neighbours sharing an id) outlined in red."""
     attention = np.asarray(attention, np.float32)
     if attention.ndim != 2 or attention.shape[0] != attention.shape[1]:
-        raise ValueError(f"an attention map is [genes, genes], got {list(attention.shape)}")
+        raise InputError(f"an attention map is [genes, genes], got {list(attention.shape)}")
     size = 2.5 + 0.22 * attention.shape[0]
     figure, axis = _figure(figsize=(size + 0.8, size))
     image = _draw_map(axis, attention, names, operon_ids, title)
@@ -101,7 +102,7 @@ def attention_grid(attentions: np.ndarray, path: str | pathlib.Path, *, layers: 
     column per selected head (default: all), operons outlined."""
     attentions = np.asarray(attentions, np.float32)
     if attentions.ndim != 4:
-        raise ValueError(f"attentions must be [layers, heads, genes, genes], got {list(attentions.shape)}")
+        raise InputError(f"attentions must be [layers, heads, genes, genes], got {list(attentions.shape)}")
     layers = list(range(attentions.shape[0])) if layers is None else list(layers)
     heads = list(range(attentions.shape[1])) if heads is None else list(heads)
     figure, axes = _figure(len(layers), len(heads), figsize=(1.3 * len(heads) + 0.5, 1.3 * len(layers) + 0.6),
@@ -119,10 +120,10 @@ def project_2d(vectors: np.ndarray, method: str = "pca") -> np.ndarray:
         try:
             import umap
         except ImportError as error:
-            raise ValueError("--method umap needs the umap-learn package (not installed); use --method pca") from error
+            raise InputError("--method umap needs the umap-learn package (not installed); use --method pca") from error
         return umap.UMAP(random_state=0).fit_transform(vectors)
     if method != "pca":
-        raise ValueError(f"unknown projection {method!r} (pca or umap)")
+        raise InputError(f"unknown projection {method!r} (pca or umap)")
     from sklearn.decomposition import PCA
 
     return PCA(n_components=2, random_state=0).fit_transform(vectors)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from glm_jax.analysis import tables
+from glm_jax.errors import InputError
 
 BASELINE = "esm2"
 
@@ -40,7 +41,7 @@ def _folds(y: np.ndarray, groups: np.ndarray | None, num_folds: int, seed: int) 
     if groups is None:
         return list(StratifiedKFold(num_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
     if len(np.unique(groups)) < num_folds:
-        raise ValueError(f"grouped folds need >= {num_folds} groups (contigs/genomes), the labelled genes have "
+        raise InputError(f"grouped folds need >= {num_folds} groups (contigs/genomes), the labelled genes have "
                          f"{len(np.unique(groups))}; use fewer --folds or no --group-by")
     return list(GroupKFold(num_folds).split(np.zeros(len(y)), y, groups))
 
@@ -86,7 +87,7 @@ def run_probes(genes: pd.DataFrame, rows: np.ndarray, y: np.ndarray, classes: li
     y = np.searchsorted(kept, y)
     classes = [classes[i] for i in kept]
     if len(classes) < 2:
-        raise ValueError(f"a probe needs >= 2 classes with >= {num_folds} genes each, got {dict(zip(classes, counts[kept]))}")
+        raise InputError(f"a probe needs >= 2 classes with >= {num_folds} genes each, got {dict(zip(classes, counts[kept]))}")
     binary = len(classes) == 2
     folds = _folds(y, None if groups is None else np.asarray(groups)[rows], num_folds, seed)
     columns = representation_columns(genes) if columns is None else columns

@@ -19,15 +19,17 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from glm_jax.errors import InputError
+
 GENES_FILE = "genes.parquet"
 PAIRS_FILE = "pairs.parquet"
 
 
-class TableError(ValueError):
+class TableError(InputError):
     """A gene/pair table that lacks what an analysis needs; the message names the file and column."""
 
 
-class FeatureWidthError(ValueError):
+class FeatureWidthError(InputError):
     """A checkpoint whose input width does not fit the protein embeddings in use."""
 
 

@@ -13,6 +13,7 @@ import json
 import pathlib
 
 from glm_jax import files
+from glm_jax.errors import InputError
 from glm_jax.analysis import tables
 
 
@@ -143,7 +144,7 @@ def _write_table(table, path: pathlib.Path) -> None:
     elif path.suffix in (".tsv", ".txt"):
         files.write_text_atomic(path, table.to_csv(sep="\t", index=False))
     else:
-        raise ValueError(f"{path}: output tables are .tsv or .parquet")
+        raise InputError(f"{path}: output tables are .tsv or .parquet")
 
 
 # --- probes ---------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def _read_attention(path: pathlib.Path, index: int) -> tuple:
         windows = pd.read_parquet(index_file)
         match = windows[windows["window"] == index]
         if match.empty:
-            raise ValueError(f"{index_file}: no window {index} (windows {windows['window'].min()}.."
+            raise InputError(f"{index_file}: no window {index} (windows {windows['window'].min()}.."
                              f"{windows['window'].max()})")
         entry = match.iloc[0]
         n = int(entry["num_genes"])
@@ -242,9 +243,9 @@ def _read_attention(path: pathlib.Path, index: int) -> tuple:
         raise FileNotFoundError(f"attention file not found: {path}")
     with np.load(path, allow_pickle=False) as f:
         if "attentions" not in f.files:
-            raise ValueError(f"{path}: no 'attentions' array (has {f.files})")
+            raise InputError(f"{path}: no 'attentions' array (has {f.files})")
         if not 0 <= index < f["attentions"].shape[0]:
-            raise ValueError(f"{path}: --index {index} outside 0..{f['attentions'].shape[0] - 1}")
+            raise InputError(f"{path}: --index {index} outside 0..{f['attentions'].shape[0] - 1}")
         gene_ids = [str(g) for g in f["gene_ids"][index]] if "gene_ids" in f.files else None
         return np.asarray(f["attentions"][index], np.float32), gene_ids
 
