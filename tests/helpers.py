@@ -275,3 +275,18 @@ def fails(capsys, *argv, code=2):
     assert len(lines) == 1 and lines[0].startswith(f"glm-jax {argv[0]}: error: "), captured.err
     assert "Traceback" not in captured.err + captured.out
     return lines[0]
+
+
+def save_original_checkpoint(config: GLMConfig, directory, seed: int) -> "torch.nn.Module":
+    """A random PyTorch reference gLM of `config` saved like the released glm.bin (full state dict,
+    duplicate stacks included) with the original's RobertaConfig as config.json; returns the model."""
+    import json
+
+    import torch
+
+    from glm_jax.interop import torch_reference
+
+    reference = torch_reference.build_reference(config, seed=seed)
+    torch.save(reference.state_dict(), directory / "glm.bin")
+    (directory / "config.json").write_text(json.dumps(torch_reference.roberta_config(config).to_dict()))
+    return reference

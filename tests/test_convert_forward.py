@@ -14,7 +14,7 @@ from glm_jax.interop import torch_reference as tr
 from glm_jax.model.glm import GLM, GLMConfig, count_parameters, create_model
 from flax import nnx
 
-from helpers import PARITY_ATOL as TOL, TINY_MODEL as TINY, padded_batch
+from helpers import PARITY_ATOL as TOL, TINY_MODEL as TINY, padded_batch, save_original_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,9 +23,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def original(tmp_path_factory):
     """A random reference gLM saved like the released glm.bin (full state dict, duplicates included)."""
     directory = tmp_path_factory.mktemp("original")
-    reference = tr.build_reference(TINY, seed=7)
-    torch.save(reference.state_dict(), directory / "glm.bin")
-    (directory / "config.json").write_text(json.dumps(tr.roberta_config(TINY).to_dict()))
+    reference = save_original_checkpoint(TINY, directory, seed=7)
     return reference, directory
 
 

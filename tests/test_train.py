@@ -82,6 +82,7 @@ def test_accumulation_equals_one_larger_batch(tmp_path):
     jax.tree.map(assert_close_to_scale, params_numpy(results[4][0]), params_numpy(results[1][0]))
 
 
+@pytest.mark.slow  # covered in CI's default run by faster tests; run with -m slow
 def test_masked_genes_reduction_accumulates_exactly():
     """With the "masked_genes" mean, microbatches are weighted by their masked-gene counts."""
     config = tiny_config()
