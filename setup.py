@@ -27,6 +27,9 @@ setup(
         # glm-jax infer writes its per-gene tables as parquet; read_gene_table returns a DataFrame.
         "pyarrow>=14",
         "pandas>=2.0",
+        # the analyses (operons, probes, plots) and the benchmark report
+        "scikit-learn>=1.3",
+        "matplotlib>=3.7",
         "tensorflow-cpu>=2.16; platform_system != 'Darwin'",
         "tensorflow-datasets>=4.9",
         "tensorboardX>=2.6",
