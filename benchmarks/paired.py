@@ -53,6 +53,37 @@ def torch_device() -> str:
     return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a paired case measures, from its shared options (--configs, --batch, --baselines, --quick)."""
+    configs: list[str]
+    batches: list[int]
+    baselines: list[str]
+    device: str  # where the PyTorch side runs (`torch_device`)
+    jax_dtypes: list[str]  # float32, plus bfloat16 on accelerators
+
+
+def add_plan_arguments(parser, default_batch: str, batch_help: str) -> None:
+    """The options `plan` reads, shared by the paired cases."""
+    from benchmarks import synthetic
+
+    parser.add_argument("--configs", default="tiny,base", help=f"comma-separated, of {sorted(synthetic.MODEL_CONFIGS)}")
+    parser.add_argument("--batch", default=default_batch, help=batch_help)
+    parser.add_argument("--baselines", default="eager,compile",
+                        help="PyTorch baselines: eager, compile (torch.compile), comma-separated or 'none'")
+
+
+def plan(args, quick_batch: int) -> Plan:
+    """The measurements of `args`; --quick: the tiny config at `quick_batch` contigs, eager only."""
+    import jax
+
+    return Plan(configs=["tiny"] if args.quick else args.configs.split(","),
+                batches=[quick_batch] if args.quick else [int(b) for b in str(args.batch).split(",")],
+                baselines=["eager"] if args.quick else args.baselines.split(","),
+                device=torch_device(),
+                jax_dtypes=["float32"] + (["bfloat16"] if jax.default_backend() != "cpu" else []))
+
+
 def torch_sides(baselines: list[str], device: str, make: Callable[[object, bool], Callable], reference,
                 missing: str | None = None) -> list[Side]:
     """The PyTorch sides asked for: eager float32 (+ float16 autocast on CUDA), torch.compile float32.

@@ -16,14 +16,10 @@ CASE = "forward"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--configs", default="tiny,base", help=f"comma-separated, of {sorted(synthetic.MODEL_CONFIGS)}")
-    parser.add_argument("--batch", default="32", help="comma-separated contigs per call")
-    parser.add_argument("--baselines", default="eager,compile",
-                        help="PyTorch baselines: eager, compile (torch.compile), comma-separated or 'none'")
+    paired.add_plan_arguments(parser, "32", "comma-separated contigs per call")
 
 
 def run(args, recorder) -> None:
-    import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
@@ -32,11 +28,9 @@ def run(args, recorder) -> None:
     from glm_jax.model import checkpoint
     from glm_jax.train import flops
 
-    configs = ["tiny"] if args.quick else args.configs.split(",")
-    batches = [4] if args.quick else [int(b) for b in str(args.batch).split(",")]
-    baselines = ["eager"] if args.quick else args.baselines.split(",")
-    device = paired.torch_device()
-    jax_dtypes = ["float32"] + (["bfloat16"] if jax.default_backend() != "cpu" else [])
+    plan = paired.plan(args, quick_batch=4)
+    configs, batches, baselines, device, jax_dtypes = (plan.configs, plan.batches, plan.baselines, plan.device,
+                                                       plan.jax_dtypes)
     forward = nnx.jit(lambda model, x, mask: model(x, mask).last_hidden_state)
     for name in configs:
         config = synthetic.MODEL_CONFIGS[name]

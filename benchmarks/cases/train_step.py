@@ -17,10 +17,7 @@ CASE = "train_step"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--configs", default="tiny,base", help=f"comma-separated, of {sorted(synthetic.MODEL_CONFIGS)}")
-    parser.add_argument("--batch", default="8", help="comma-separated contigs per step, e.g. 8,32")
-    parser.add_argument("--baselines", default="eager,compile",
-                        help="PyTorch baselines: eager, compile (torch.compile), comma-separated or 'none'")
+    paired.add_plan_arguments(parser, "8", "comma-separated contigs per step, e.g. 8,32")
 
 
 def jax_step(config, params: dict, batch: dict):
@@ -89,15 +86,11 @@ def torch_step(module, autocast: bool, *, batch: dict, device: str):
 
 
 def run(args, recorder) -> None:
-    import jax
-
     from glm_jax.train import flops
 
-    configs = ["tiny"] if args.quick else args.configs.split(",")
-    batches = [8] if args.quick else [int(b) for b in str(args.batch).split(",")]
-    baselines = ["eager"] if args.quick else args.baselines.split(",")
-    device = paired.torch_device()
-    jax_dtypes = ["float32"] + (["bfloat16"] if jax.default_backend() != "cpu" else [])
+    plan = paired.plan(args, quick_batch=8)
+    configs, batches, baselines, device, jax_dtypes = (plan.configs, plan.batches, plan.baselines, plan.device,
+                                                       plan.jax_dtypes)
     for name in configs:
         config = synthetic.MODEL_CONFIGS[name]
         reference, params, missing = paired.paired_models(config)
