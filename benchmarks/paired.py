@@ -6,16 +6,45 @@ from typing import Callable
 
 from benchmarks.timing import measured_matmul_peak, time_fn
 
-# what a JAX measurement in each dtype is compared with: the original trained and embedded in
-# float16 autocast, so JAX bfloat16 is set against that
-BASELINE_OF = {"float32": ("torch_eager", "float32"), "bfloat16": ("torch_eager", "float16-autocast")}
+# CPU flags of a native bf16 matmul (Zen 4, Sapphire Rapids): there bf16 runs at ~2x the fp32 rate
+# in both frameworks (XLA's YNNPACK, PyTorch's oneDNN), so both are also measured in bf16
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def autocast_dtype(device: str) -> str | None:
+    """The PyTorch autocast dtype that JAX bfloat16 is set against on `device`: float16 on CUDA
+    (the original trained and embedded in float16 autocast), bfloat16 on a CPU with a native bf16
+    matmul, None elsewhere (no low-precision pair)."""
+    if device == "cuda":
+        return "float16"
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return None
+    return "bfloat16" if device == "cpu" and flags & set(NATIVE_BF16_CPU_FLAGS) else None
+
+
+def baseline_of(jax_dtype: str, device: str) -> tuple[str, str] | None:
+    """What a JAX measurement in `jax_dtype` is compared with: PyTorch eager in float32, or in
+    the autocast dtype of `autocast_dtype`."""
+    if jax_dtype == "float32":
+        return ("torch_eager", "float32")
+    autocast = autocast_dtype(device)
+    return ("torch_eager", f"{autocast}-autocast") if autocast else None
+
+
+def torch_autocast(device: str, dtype: str | None):
+    """torch.autocast in `dtype` ("float16", "bfloat16"), or a disabled one for None."""
+    import torch
+
+    return torch.autocast(device, dtype=getattr(torch, dtype or "float16"), enabled=dtype is not None)
 
 
 @dataclasses.dataclass(frozen=True)
 class Side:
     """One implementation to time: `make()` -> (no-argument call, devices it runs on)."""
     impl: str  # "jax", "torch_eager", "torch_compile"
-    dtype: str  # "float32", "bfloat16", "float16-autocast"
+    dtype: str  # "float32", "bfloat16", "float16-autocast", "bfloat16-autocast"
     peak: tuple[str, str]  # (framework, dtype) of the matmul rate its MFU is measured against
     make: Callable[[], tuple[Callable, int]]
 
@@ -60,7 +89,7 @@ class Plan:
     batches: list[int]
     baselines: list[str]
     device: str  # where the PyTorch side runs (`torch_device`)
-    jax_dtypes: list[str]  # float32, plus bfloat16 on accelerators
+    jax_dtypes: list[str]  # float32, plus bfloat16 on accelerators and on CPUs with a native bf16 matmul
 
 
 def add_plan_arguments(parser, default_batch: str, batch_help: str) -> None:
@@ -77,17 +106,20 @@ def plan(args, quick_batch: int) -> Plan:
     """The measurements of `args`; --quick: the tiny config at `quick_batch` contigs, eager only."""
     import jax
 
+    device = torch_device()
+    low_precision = jax.default_backend() != "cpu" or autocast_dtype(device) is not None
     return Plan(configs=["tiny"] if args.quick else args.configs.split(","),
                 batches=[quick_batch] if args.quick else [int(b) for b in str(args.batch).split(",")],
                 baselines=["eager"] if args.quick else args.baselines.split(","),
-                device=torch_device(),
-                jax_dtypes=["float32"] + (["bfloat16"] if jax.default_backend() != "cpu" else []))
+                device=device,
+                jax_dtypes=["float32"] + (["bfloat16"] if low_precision and not args.quick else []))
 
 
 def torch_sides(baselines: list[str], device: str, make: Callable[[object, bool], Callable], reference,
                 missing: str | None = None) -> list[Side]:
-    """The PyTorch sides asked for: eager float32 (+ float16 autocast on CUDA), torch.compile float32.
-    make(module, autocast) -> call. Without a reference (`missing` says why) one skipped side."""
+    """The PyTorch sides asked for: eager float32 (+ eager in `autocast_dtype(device)` where there is
+    one), torch.compile float32. make(module, autocast dtype or None) -> call. Without a reference
+    (`missing` says why) one skipped side."""
     if reference is None:
         def unavailable():
             raise Unavailable(f"no PyTorch reference: {missing}")
@@ -96,13 +128,14 @@ def torch_sides(baselines: list[str], device: str, make: Callable[[object, bool]
 
     sides = []
     if "eager" in baselines:
-        sides.append(Side("torch_eager", "float32", ("torch", "float32"), lambda: (make(reference, False), 1)))
-        if device == "cuda":
-            sides.append(Side("torch_eager", "float16-autocast", ("torch", "float16"),
-                              lambda: (make(reference, True), 1)))
+        sides.append(Side("torch_eager", "float32", ("torch", "float32"), lambda: (make(reference, None), 1)))
+        autocast = autocast_dtype(device)
+        if autocast:
+            sides.append(Side("torch_eager", f"{autocast}-autocast", ("torch", autocast),
+                              lambda: (make(reference, autocast), 1)))
     if "compile" in baselines:
         sides.append(Side("torch_compile", "float32", ("torch", "float32"),
-                          lambda: (make(torch.compile(reference), False), 1)))
+                          lambda: (make(torch.compile(reference), None), 1)))
     return sides
 
 
@@ -111,7 +144,7 @@ def measure(recorder, sides: list[Side], common: dict, *, repeats: int, warmup: 
     """Times every side in order (PyTorch first, so JAX records carry their baseline) and records
     each: contigs/s (`items` per call), extra.genes_per_s (real genes, `genes` per call), MFU
     against the side's own framework's matmul rate, `extra(side, call)`, and for
-    JAX the ratio to its `BASELINE_OF` (and to torch.compile in extra). A side that fails (e.g.
+    JAX the ratio to its `baseline_of` (and to torch.compile in extra). A side that fails (e.g.
     torch.compile without a compiler, out of memory) is recorded as failed."""
     measured = {}
     for side in sides:
@@ -127,7 +160,7 @@ def measure(recorder, sides: list[Side], common: dict, *, repeats: int, warmup: 
             continue
         seconds = timing["median_s"]
         measured[(side.impl, side.dtype)] = seconds
-        baseline = BASELINE_OF.get(side.dtype) if side.impl == "jax" else None
+        baseline = baseline_of(side.dtype, torch_device()) if side.impl == "jax" else None
         details = {"genes_per_s": genes / seconds, **extra(side, call)}
         if side.impl == "jax" and ("torch_compile", side.dtype) in measured:
             details["ratio_vs_torch_compile"] = measured[("torch_compile", side.dtype)] / seconds

@@ -17,6 +17,8 @@ Record schema (`FIELDS`; absent values are null):
     status, reason                          "ok", "failed" or "skipped" (+ why)
     extra                                   anything case-specific (genes_per_s, max_abs_diff, ...)
     platform, device, cpu_count, versions, commit, command, timestamp    filled by the recorder
+    settings                                the environment variables that change speed (allocator
+                                            tunables, XLA flags, thread counts) as they were set
 """
 from __future__ import annotations
 
@@ -35,10 +37,11 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "results.jsonl"
 
+SPEED_SETTINGS = ("GLIBC_TUNABLES", "XLA_FLAGS", "OMP_NUM_THREADS", "TF_ENABLE_ONEDNN_OPTS")
 CASE_FIELDS = ("case", "config", "impl", "dtype", "batch", "shapes", "median_s", "min_s", "max_s", "repeats",
                "compile_s", "items_per_s", "items_unit", "baseline", "ratio_vs_baseline", "model_flops", "devices",
                "mfu_measured_peak", "mfu_datasheet", "status", "reason", "extra")
-ENVIRONMENT_FIELDS = ("platform", "device", "cpu_count", "versions", "commit", "command", "timestamp")
+ENVIRONMENT_FIELDS = ("platform", "device", "cpu_count", "versions", "commit", "settings", "command", "timestamp")
 FIELDS = CASE_FIELDS + ENVIRONMENT_FIELDS
 STATUSES = ("ok", "failed", "skipped")
 VERSIONED = ("jax", "jaxlib", "flax", "torch", "transformers", "tensorflow", "numpy")
@@ -98,7 +101,7 @@ def environment() -> dict:
     backend = jax.default_backend()
     device = cpu_model() if backend == "cpu" else jax.devices()[0].device_kind
     return {"platform": backend, "device": device, "cpu_count": os.cpu_count(), "versions": package_versions(),
-            "commit": git_commit()}
+            "commit": git_commit(), "settings": {name: os.environ[name] for name in SPEED_SETTINGS if name in os.environ}}
 
 
 def datasheet_peak(platform_name: str, device: str) -> float | None:

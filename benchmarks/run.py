@@ -113,4 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from glm_jax.perf_defaults import restart_with_huge_pages
+
+    restart_with_huge_pages()  # both sides of every comparison run under the same allocator
     sys.exit(main())

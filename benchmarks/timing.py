@@ -53,7 +53,8 @@ def measured_matmul_peak(dtype: str = "float32", framework: str = "jax", n: int 
         import jax.numpy as jnp
 
         a = jnp.ones((n, n), dtype)
-        matmul = jax.jit(lambda x: x @ x)
+        # float32 accumulation, as the model's dots: XLA:CPU runs bf16 x bf16 -> bf16 at the f32 rate
+        matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
         seconds = time_fn(matmul, a, repeats=5)["median_s"]
     elif framework == "torch":
         import torch

@@ -86,9 +86,9 @@ def paired_models(size: str, quick: bool):
     return name, config, params, model
 
 
-def torch_embedder(model, device: str, autocast: bool):
+def torch_embedder(model, device: str, autocast: str | None):
     """tokens [rows, length] -> mean of the last hidden state over residues, float32 [rows, hidden];
-    float16 autocast (as fair-esm runs ESM2 in half precision) when `autocast`."""
+    under `autocast` ("float16" as fair-esm runs ESM2 in half precision on GPUs) unless None."""
     import torch
 
     from glm_jax.proteins import esm2
@@ -96,7 +96,7 @@ def torch_embedder(model, device: str, autocast: bool):
     def embed(tokens):
         ids = torch.from_numpy(tokens).long().to(device)
         residue = ((ids != esm2.PAD_ID) & (ids != esm2.CLS_ID) & (ids != esm2.EOS_ID)).float()
-        with torch.no_grad(), torch.autocast(device, dtype=torch.float16, enabled=autocast):
+        with torch.no_grad(), paired.torch_autocast(device, autocast):
             hidden = model(ids, attention_mask=(ids != esm2.PAD_ID).long()).last_hidden_state.float()
         return (hidden * residue[..., None]).sum(1) / residue.sum(1, keepdim=True).clamp(min=1)
 
@@ -131,9 +131,10 @@ def run(args, recorder) -> None:
         shapes.setdefault(batch.shape, (batch, indices))
     residues_total = sum(min(len(p), max_residues) for p in proteins)
     for dtype in dtypes:
-        torch_dtype = paired.BASELINE_OF[dtype][1]  # bfloat16 JAX against float16 autocast PyTorch
+        torch_dtype = paired.baseline_of(dtype, device)[1]  # bfloat16 JAX against autocast PyTorch
         sides = {"jax": embed.Esm2Embedder(config, params, compute_dtype=dtype),
-                 "torch_eager": torch_embedder(model, device, torch_dtype != "float32")}
+                 "torch_eager": torch_embedder(model, device, paired.autocast_dtype(device)
+                                               if torch_dtype != "float32" else None)}
         dtype_of = {"jax": dtype, "torch_eager": torch_dtype}
         per_shape = {impl: {} for impl in sides}
         outputs = {}

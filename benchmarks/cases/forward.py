@@ -41,9 +41,9 @@ def run(args, recorder) -> None:
             inputs, mask = data["inputs_embeds"], data["attention_mask"].astype(np.float32)
             x_torch, mask_torch = torch.from_numpy(inputs).to(device), torch.from_numpy(mask).to(device)
 
-            def torch_call(module, autocast: bool):
+            def torch_call(module, autocast: str | None):
                 def call():
-                    with torch.no_grad(), torch.autocast(device, dtype=torch.float16, enabled=autocast):
+                    with torch.no_grad(), paired.torch_autocast(device, autocast):
                         return module(x_torch, mask_torch)["last_hidden_state"]
                 return call
 

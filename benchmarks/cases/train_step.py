@@ -3,8 +3,9 @@
 One step = mask 15% of genes, forward, the original loss, backward, AdamW update. JAX runs the
 trainer's `train_step` jitted with donated state on a data mesh of all local devices; PyTorch runs
 `glm_jax.interop.torch_reference` + `original_loss` + `torch.optim.AdamW` eagerly and, where it
-compiles, under `torch.compile`. CPU: float32 on both sides. GPU: also JAX bfloat16 vs PyTorch
-float16 autocast (how the original trained). Items: contigs (windows) per second.
+compiles, under `torch.compile`. float32 on both sides; also JAX bfloat16 vs PyTorch float16
+autocast on a GPU (how the original trained) and vs PyTorch bfloat16 autocast on a CPU with a
+native bf16 matmul (`paired.autocast_dtype`). Items: contigs (windows) per second.
 """
 from __future__ import annotations
 
@@ -56,15 +57,15 @@ def jax_step(config, params: dict, batch: dict):
     return call, jax.device_count()
 
 
-def torch_step(module, autocast: bool, *, batch: dict, device: str):
+def torch_step(module, autocast: str | None, *, batch: dict, device: str):
     """-> a no-argument function running the original's step: mask 15% of genes, forward, loss,
-    backward, AdamW (with a GradScaler under float16 autocast, as the original)."""
+    backward, AdamW; under `autocast` ("float16" with a GradScaler, as the original; "bfloat16")."""
     import torch
 
     from glm_jax.interop import torch_reference
 
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, eps=1e-6, weight_decay=0.0)
-    scaler = torch.amp.GradScaler(device, enabled=autocast)
+    scaler = torch.amp.GradScaler(device, enabled=autocast == "float16")
     x = torch.from_numpy(batch["inputs_embeds"]).to(device)
     labels = torch.from_numpy(batch["labels"]).clamp(-10, 10).to(device)
     mask = torch.from_numpy(batch["attention_mask"]).float().to(device)
@@ -74,7 +75,7 @@ def torch_step(module, autocast: bool, *, batch: dict, device: str):
         masked = (torch.rand(mask.shape, generator=generator) < 0.15).to(device) & (mask != 0)
         inputs = torch.where(masked[..., None], torch.full_like(x, -1.0), x)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.float16, enabled=autocast):
+        with paired.torch_autocast(device, autocast):
             out = module(inputs, mask)
         loss = torch_reference.original_loss(out["predictions"].float(), out["logits"].float(), labels, masked)[0]
         scaler.scale(loss).backward()
