@@ -342,8 +342,11 @@ class EncoderStack(nnx.Module):
             x, (hidden, attentions) = jax.lax.scan(body, x, (params, layer_rngs))
             return x, hidden, attentions
         per_layer = []
+        # lax.split, not a[i]: its transpose concatenates the per-layer gradients, where the
+        # transpose of 19 slices would pad each to the full stack and add them
+        unstacked = jax.tree.map(lambda a: [part[0] for part in jax.lax.split(a, [1] * config.num_layers)], params)
         for i in range(config.num_layers):
-            layer_params = jax.tree.map(lambda a, i=i: a[i], params)
+            layer_params = {name: parts[i] for name, parts in unstacked.items()}
             x, outputs = body(x, (layer_params, None if layer_rngs is None else layer_rngs[i]))
             per_layer.append(outputs)
         hidden, attentions = (None if per_layer[0][j] is None else jnp.stack([o[j] for o in per_layer])
