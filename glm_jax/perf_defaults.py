@@ -17,7 +17,7 @@ PLATFORM_DEFAULTS = {
     # gLM blockwise attention: queries per block (each block's scores against all keys are one
     # [batch, heads, block, genes] array) and keys per chunk of its k.D term (flops (block + chunk)
     # / block times q.k's). CPU values: see kernels/blockwise.py.
-    "attention_query_block": {"cpu": 256, "default": 512},
+    "attention_query_block": {"cpu": 128, "default": 512},
     "attention_key_chunk": {"cpu": 32, "default": 64},
 }
 
