@@ -27,8 +27,9 @@ Measured on CPU (AMD EPYC, 2 threads shared with other jobs, so +-30% noise; gLM
 10 x 128, batch x genes = 8192, float32; `python benchmarks/run.py attention --lengths 512,2048
 --impls reference,xla_shifted,blockwise --dtypes float32 --repeats 3`), time of the reference / time:
 forward 1.36x at 512 genes, 2.52x at 2,048; forward+backward 0.56x at 512, 0.82x at 2,048 (the
-previous online-softmax form: 0.63x / 0.67x), compiled memory 0.80 GiB at 2,048 (reference 7.8); at 8,192 genes (batch 1) forward+backward takes
-154 s in 0.91 GiB, where the reference (104 GiB) is skipped over the 8 GB cap.
+previous online-softmax form: 0.63x / 0.67x), compiled memory 0.80 GiB at 2,048 (reference 7.8);
+at 8,192 genes (batch 1) forward+backward takes 154 s in 0.91 GiB, where the reference (104 GiB)
+is skipped over the 8 GB cap.
 The backward pass is what is slow: it recomputes the scores, and XLA:CPU runs the head_dim-128
 contractions of the block matmuls at about half its large-matmul rate.
 """
