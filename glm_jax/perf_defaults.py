@@ -16,6 +16,11 @@ PLATFORM_DEFAULTS = {
     # 2.0x faster than 512-key blocks at 32 x 384 tokens; whole embedding of 150 genome proteins
     # 1.17x (26.6 -> 22.8 s CPU, one thread, interleaved runs in one process).
     "esm2_key_block": {"cpu": 64, "default": 512},
+    # gLM blockwise attention: queries per block (each block's scores against all keys are one
+    # [batch, heads, block, genes] array) and keys per chunk of its k.D term (flops (block + chunk)
+    # / block times q.k's). CPU values: see kernels/blockwise.py.
+    "attention_query_block": {"cpu": 128, "default": 512},
+    "attention_key_chunk": {"cpu": 32, "default": 64},
 }
 
 

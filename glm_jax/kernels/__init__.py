@@ -32,7 +32,7 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = {
     "reference": "glm_jax.kernels.reference",      # HF-exact: gathers D[i-j] into [S, S, d]
     "xla_shifted": "glm_jax.kernels.xla_shifted",  # q.D^T, k.D^T as [S, 2S-1], skewed into [S, S]
-    "blockwise": "glm_jax.kernels.blockwise",      # online softmax over blocks, O(S x block) memory
+    "blockwise": "glm_jax.kernels.blockwise",      # query blocks x all keys, O(B x H x S x block) memory
     "fused": "glm_jax.kernels.fused",              # jax.nn.dot_product_attention with a relative bias
     "pallas": "glm_jax.kernels.pallas_flash",      # Pallas flash-attention kernel
 }
