@@ -159,7 +159,8 @@ def _block_score_grads(d_scores, queries: _BlockQueries, k, chunks_flat_t, windo
 
     Every matmul has its contraction on the last axis of the left operand (XLA:CPU's fast path), so
     the key gradients come out transposed: returns (dq [B, H, block, d] f32, dk_t [B, H, d, keys] f32,
-    dk_chunks [key_chunks, B * H * chunk, d] f32 or None, d_window [keys + block, d] f32).
+    dk_chunks [key_chunks, B * H * chunk, d] f32 or None, d_window [keys + block, d] f32; window may be
+    bfloat16, as the model's distance table is in a bf16 run).
     chunks_flat_t: k as [key_chunks, d, B * H * chunk].
     """
     tile = static.tiling
@@ -181,8 +182,8 @@ def _block_score_grads(d_scores, queries: _BlockQueries, k, chunks_flat_t, windo
         d_key_part = _skew_transpose(per_chunk, windows.shape[1]).reshape(tile.key_chunks, -1, windows.shape[1])
         dk_chunks = jnp.einsum("cnm,cmd->cnd", d_key_part, windows, preferred_element_type=jnp.float32)
         d_windows = _transposed(jnp.einsum("cdn,cnm->cdm", chunks_flat_t, d_key_part, preferred_element_type=jnp.float32))
-    (d_window,) = views_vjp((d_descending, d_windows))
-    return dq, dk_t, dk_chunks, d_window
+    (d_window,) = views_vjp((d_descending.astype(views[0].dtype), d_windows.astype(views[1].dtype)))
+    return dq, dk_t, dk_chunks, d_window.astype(jnp.float32)
 
 
 def _keep_scale(rng, query_block, shape, rate: float):
