@@ -29,12 +29,14 @@ probabilities are returned.
 Measured on CPU (AMD EPYC, 2 threads shared with other jobs, so +-30% noise; gLM-base heads
 10 x 128, batch x genes = 8192, float32; `python benchmarks/run.py attention --lengths 512,2048
 --impls reference,xla_shifted,blockwise --dtypes float32 --repeats 3`), time of the reference / time:
-forward 1.36x at 512 genes, 2.52x at 2,048; forward+backward 0.56x at 512, 0.82x at 2,048 (the
-previous online-softmax form: 0.63x / 0.67x), compiled memory 0.80 GiB at 2,048 (reference 7.8);
-at 8,192 genes (batch 1) forward+backward takes 154 s in 0.91 GiB, where the reference (104 GiB)
-is skipped over the 8 GB cap.
-The backward pass is what is slow: it recomputes the scores, and XLA:CPU runs the head_dim-128
-contractions of the block matmuls at about half its large-matmul rate.
+forward 1.11x at 512 genes, 3.65x at 2,048; forward+backward 0.73x at 512, 1.15x at 2,048 (before
+the backward matmuls were put on the YNNPACK path, with query blocks of 128: 0.56x / 0.82x),
+forward+backward compiled memory 1.22 GiB at 2,048 with the default query blocks of 256 (0.80 GiB
+with 128; reference 7.8); at 8,192 genes (batch 1) forward+backward took 154 s in 0.91 GiB before
+that change, where the reference (104 GiB) is skipped over the 8 GB cap.
+What is left in the backward besides matmuls: the two skew transposes (pads) and the k.D term's
+[chunks, ..., chunk, block] <-> [block, keys] transpose, one pass over a score-sized array each
+per block.
 """
 from __future__ import annotations
 
