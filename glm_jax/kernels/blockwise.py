@@ -14,9 +14,12 @@ of 2x. The distance rows of a block are one slice of a distance-indexed copy of 
 once per call.
 
 A `jax.custom_vjp` saves only the output and the log-sum-exp per query; the backward pass is one
-more scan over query blocks that recomputes each block's probabilities and takes the block's
-score gradient with `jax.vjp` of the same score function: dq of the block is a scan output, dk,
-dv and the distance gradient are carried (clipped distances accumulate into the table's end rows).
+more scan over query blocks that recomputes each block's probabilities and transposes the score
+function by hand (`_block_score_grads`): dq of the block is a scan output, dk, dv and the distance
+gradient are carried (clipped distances accumulate into the table's end rows). Every backward
+matmul contracts the last axis of its left operand, XLA:CPU's YNNPACK path (any other layout runs
+as a slow plain dot): dk and dv are carried transposed, [B, H, d, keys], and q, dO and the key
+chunks are transposed once per call, not per block.
 
 Attention dropout is supported with the reference's semantics (normalised probabilities are
 dropped and rescaled by 1 / (1 - rate)); the keep mask of query block i comes from fold_in(rng, i),
@@ -26,12 +29,14 @@ probabilities are returned.
 Measured on CPU (AMD EPYC, 2 threads shared with other jobs, so +-30% noise; gLM-base heads
 10 x 128, batch x genes = 8192, float32; `python benchmarks/run.py attention --lengths 512,2048
 --impls reference,xla_shifted,blockwise --dtypes float32 --repeats 3`), time of the reference / time:
-forward 1.36x at 512 genes, 2.52x at 2,048; forward+backward 0.56x at 512, 0.82x at 2,048 (the
-previous online-softmax form: 0.63x / 0.67x), compiled memory 0.80 GiB at 2,048 (reference 7.8);
-at 8,192 genes (batch 1) forward+backward takes 154 s in 0.91 GiB, where the reference (104 GiB)
-is skipped over the 8 GB cap.
-The backward pass is what is slow: it recomputes the scores, and XLA:CPU runs the head_dim-128
-contractions of the block matmuls at about half its large-matmul rate.
+forward 1.11x at 512 genes, 3.65x at 2,048; forward+backward 0.73x at 512, 1.15x at 2,048 (before
+the backward matmuls were put on the YNNPACK path, with query blocks of 128: 0.56x / 0.82x),
+forward+backward compiled memory 1.22 GiB at 2,048 with the default query blocks of 256 (0.80 GiB
+with 128; reference 7.8); at 8,192 genes (batch 1) forward+backward took 154 s in 0.91 GiB before
+that change, where the reference (104 GiB) is skipped over the 8 GB cap.
+What is left in the backward besides matmuls: the two skew transposes (pads) and the k.D term's
+[chunks, ..., chunk, block] <-> [block, keys] transpose, one pass over a score-sized array each
+per block.
 """
 from __future__ import annotations
 
@@ -94,29 +99,93 @@ def _chunk_windows(rows, tile: _Tiling):
     return windows.reshape(tile.key_chunks, pieces * tile.chunk, rows.shape[-1])[:, :tile.block + tile.chunk - 1]
 
 
-def _block_scores(q, k, window, static: _Static):
+def _key_chunks(k, tile: _Tiling):
+    """[B, H, keys, d] -> [key_chunks, B, H, chunk, d] (made once per call, outside the scans)."""
+    return jnp.moveaxis(k.reshape(*k.shape[:2], tile.key_chunks, tile.chunk, k.shape[-1]), 2, 0)
+
+
+def _window_views(window, static: _Static):
+    """The distance rows the relative terms read: window [keys + block, d] -> (descending
+    [keys + block - 1, d] for q.D, per-chunk windows [key_chunks, block + chunk - 1, d] for k.D)."""
+    tile = static.tiling
+    # query row a needs distances i0 + a - j, j = 0 .. keys-1: descending rows, skewed
+    descending = window[:tile.padded_keys + tile.block - 1][::-1]
+    # key row b of chunk c needs distances i0 - c * chunk + a - b, a = 0 .. block-1: ascending rows
+    windows = _chunk_windows(window.reshape(-1, tile.chunk, window.shape[-1]), tile)
+    return descending, windows
+
+
+def _block_scores(q, k, chunks, window, static: _Static):
     """Scores / sqrt(d) of one query block against all keys, without the padding bias.
 
-    q: [B, H, block, d] (genes i0 ...); k: [B, H, keys, d]; window: [keys + block, d], D at
-    distances i0 - keys + 1 ... i0 + block (the last row is not read) -> [B, H, block, keys] f32.
+    q: [B, H, block, d] (genes i0 ...); k: [B, H, keys, d]; chunks: k as `_key_chunks`; window:
+    [keys + block, d], D at distances i0 - keys + 1 ... i0 + block (the last row is not read)
+    -> [B, H, block, keys] f32.
     """
     tile = static.tiling
     keys = k.shape[2]
     total = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    descending, windows = _window_views(window.astype(q.dtype), static)
     if static.relative != "none":
-        window = window.astype(q.dtype)
-        # query row a needs distances i0 + a - j, j = 0 .. keys-1: descending rows, skewed
-        descending = window[:keys + tile.block - 1][::-1]
-        total += kernels.skew(jnp.einsum("bhqd,md->bhqm", q, descending, preferred_element_type=jnp.float32),
-                              keys)
+        total += kernels.skew(jnp.einsum("bhqd,md->bhqm", q, descending, preferred_element_type=jnp.float32), keys)
     if static.relative == "relative_key_query":
-        # key row b of chunk c needs distances i0 - c * chunk + a - b, a = 0 .. block-1: ascending rows
-        chunks = jnp.moveaxis(k.reshape(*k.shape[:2], tile.key_chunks, tile.chunk, k.shape[-1]), 2, 0)
-        windows = _chunk_windows(window.reshape(-1, tile.chunk, window.shape[-1]), tile)
         per_chunk = kernels.skew(jnp.einsum("cbhkd,cmd->cbhkm", chunks, windows, preferred_element_type=jnp.float32),
                                  tile.block)  # [chunks, B, H, chunk, block]
         total += jnp.transpose(per_chunk, (1, 2, 4, 0, 3)).reshape(total.shape)
     return total / math.sqrt(q.shape[-1])
+
+
+def _skew_transpose(g, rows_width: int):
+    """Cotangent of `kernels.skew`: [..., R, n] -> [..., R, rows_width]."""
+    skew_of = jax.linear_transpose(lambda x: kernels.skew(x, g.shape[-1]),
+                                   jax.ShapeDtypeStruct((*g.shape[:-1], rows_width), g.dtype))
+    return skew_of(g)[0]
+
+
+def _transposed(product):
+    """Swaps the last two axes of a small matmul result. The barrier stops XLA from folding the
+    swap into the matmul, which would then contract the large operand's leading axis, off
+    XLA:CPU's fast (YNNPACK) path."""
+    return jnp.swapaxes(jax.lax.optimization_barrier(product), -1, -2)
+
+
+class _BlockQueries(NamedTuple):
+    """One query block in the layouts the backward matmuls read (all made once per call)."""
+    q: jax.Array          # [B, H, block, d]
+    q_t: jax.Array        # [B, H, d, block]
+    q_flat_t: jax.Array   # [d, B * H * block]
+
+
+def _block_score_grads(d_scores, queries: _BlockQueries, k, chunks_flat_t, window, static: _Static):
+    """Transpose of `_block_scores` for d_scores [B, H, block, keys] f32.
+
+    Every matmul has its contraction on the last axis of the left operand (XLA:CPU's fast path), so
+    the key gradients come out transposed: returns (dq [B, H, block, d] f32, dk_t [B, H, d, keys] f32,
+    dk_chunks [key_chunks, B * H * chunk, d] f32 or None, d_window [keys + block, d] f32; window may be
+    bfloat16, as the model's distance table is in a bf16 run).
+    chunks_flat_t: k as [key_chunks, d, B * H * chunk].
+    """
+    tile = static.tiling
+    q = queries.q
+    ds = (d_scores / math.sqrt(q.shape[-1])).astype(q.dtype)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=jnp.float32)
+    dk_t = jnp.einsum("bhdq,bhqk->bhdk", queries.q_t, ds, preferred_element_type=jnp.float32)
+    views, views_vjp = jax.vjp(lambda w: _window_views(w, static), window)
+    d_descending, d_windows, dk_chunks = jnp.zeros_like(views[0]), jnp.zeros_like(views[1]), None
+    if static.relative != "none":
+        descending = views[0].astype(q.dtype)
+        d_relative = _skew_transpose(ds, descending.shape[0])  # [B, H, block, keys + block - 1]
+        dq += jnp.einsum("bhqm,md->bhqd", d_relative, descending, preferred_element_type=jnp.float32)
+        d_descending = _transposed(jnp.einsum("dn,nm->dm", queries.q_flat_t, d_relative.reshape(-1, descending.shape[0]),
+                                              preferred_element_type=jnp.float32))
+    if static.relative == "relative_key_query":
+        windows = views[1].astype(q.dtype)
+        per_chunk = jnp.transpose(ds.reshape(*ds.shape[:3], tile.key_chunks, tile.chunk), (3, 0, 1, 4, 2))
+        d_key_part = _skew_transpose(per_chunk, windows.shape[1]).reshape(tile.key_chunks, -1, windows.shape[1])
+        dk_chunks = jnp.einsum("cnm,cmd->cnd", d_key_part, windows, preferred_element_type=jnp.float32)
+        d_windows = _transposed(jnp.einsum("cdn,cnm->cdm", chunks_flat_t, d_key_part, preferred_element_type=jnp.float32))
+    (d_window,) = views_vjp((d_descending.astype(views[0].dtype), d_windows.astype(views[1].dtype)))
+    return dq, dk_t, dk_chunks, d_window.astype(jnp.float32)
 
 
 def _keep_scale(rng, query_block, shape, rate: float):
@@ -165,10 +234,11 @@ def _forward(q, k, v, distance_table, bias, rng, static: _Static):
     """Returns (context [B, H, queries, d] in q's dtype, log-sum-exp [B, H, queries] f32)."""
     block = static.tiling.block
     rows = _distance_rows(distance_table, static)
+    chunks = _key_chunks(k, static.tiling)
 
     def query_block(_, inputs):
         i, q_i = inputs
-        logits = _block_scores(q_i, k, _window(rows, i * block, static), static) + bias
+        logits = _block_scores(q_i, k, chunks, _window(rows, i * block, static), static) + bias
         row_max = logits.max(-1, keepdims=True)
         p = jnp.exp(logits - row_max)
         normaliser = p.sum(-1)
@@ -201,31 +271,48 @@ def _flash_bwd(static: _Static, residuals, d_context):
     # delta_i = sum_j p_ij dp_ij = dO_i . O_i (with dropout too: O already holds the kept terms)
     delta = jnp.sum(d_context.astype(jnp.float32) * context.astype(jnp.float32), -1)  # [B, H, queries]
 
+    chunks = _key_chunks(k, tile)
+    # [key_chunks, d, B * H * chunk]: the contraction axis of the distance gradient last
+    chunks_flat_t = jnp.transpose(chunks, (0, 4, 1, 2, 3)).reshape(tile.key_chunks, k.shape[-1], -1)
+    q_blocks = _query_blocks(q, tile)  # [query blocks, B, H, block, d]
+    queries = _BlockQueries(q_blocks, jnp.swapaxes(q_blocks, -1, -2),
+                            jnp.moveaxis(q_blocks, -1, 1).reshape(tile.query_blocks, q.shape[-1], -1))
+    # d_context blocks transposed outside the loop: inside it XLA folds the swap into the dot, off the fast path
+    do_blocks = _query_blocks(d_context, tile)
+    do_t_blocks = jnp.swapaxes(do_blocks, -1, -2)  # [query blocks, B, H, d, block]
+
     def query_block(carry, inputs):
-        dk, dv, d_rows = carry
-        i, q_i, do_i, lse_i, delta_i = inputs
+        dk_t, dk_chunks, dv_t, d_rows = carry
+        i, queries_i, do_i, do_t_i, lse_i, delta_i = inputs
         first = i * tile.block
-        logits, logits_vjp = jax.vjp(lambda q_, k_, window_: _block_scores(q_, k_, window_, static),
-                                     q_i, k, _window(rows, first, static))
-        p = jnp.exp(logits + bias - lse_i[..., None])
+        window = _window(rows, first, static)
+        p = jnp.exp(_block_scores(queries_i.q, k, chunks, window, static) + bias - lse_i[..., None])
         dp = jnp.einsum("bhqd,bhkd->bhqk", do_i, v, preferred_element_type=jnp.float32)
         kept = p
         if static.dropout_rate > 0:
             keep = _keep_scale(rng, i, p.shape, static.dropout_rate)
             kept, dp = p * keep, dp * keep
-        dv = dv + jnp.einsum("bhqk,bhqd->bhkd", kept.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
-        dq_i, dk_part, d_window = logits_vjp(p * (dp - delta_i[..., None]))
-        d_rows = jax.lax.dynamic_update_slice_in_dim(
-            d_rows, _window(d_rows, first, static) + d_window.astype(jnp.float32), first, 0)
-        return (dk + dk_part.astype(jnp.float32), dv, d_rows), dq_i
+        dv_t += jnp.einsum("bhdq,bhqk->bhdk", do_t_i, kept.astype(do_i.dtype),
+                           preferred_element_type=jnp.float32)
+        dq_i, dk_t_part, dk_chunks_part, d_window = _block_score_grads(
+            p * (dp - delta_i[..., None]), queries_i, k, chunks_flat_t, window, static)
+        if dk_chunks_part is not None:
+            dk_chunks += dk_chunks_part
+        d_rows = jax.lax.dynamic_update_slice_in_dim(d_rows, _window(d_rows, first, static) + d_window, first, 0)
+        return (dk_t + dk_t_part, dk_chunks, dv_t, d_rows), dq_i.astype(q.dtype)
 
-    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), jnp.zeros(rows.shape, jnp.float32))
-    blocks = (jnp.arange(tile.query_blocks),) + tuple(_query_blocks(x, tile) for x in (q, d_context, lse, delta))
-    (dk, dv, d_rows), dq = jax.lax.scan(query_block, init, blocks)
+    transposed_keys = jnp.zeros((*k.shape[:2], k.shape[3], k.shape[2]), jnp.float32)  # [B, H, d, keys]
+    init = (transposed_keys, jnp.zeros((tile.key_chunks, chunks_flat_t.shape[-1], k.shape[-1]), jnp.float32),
+            transposed_keys, jnp.zeros(rows.shape, jnp.float32))
+    blocks = (jnp.arange(tile.query_blocks), queries, do_blocks, do_t_blocks) + tuple(_query_blocks(x, tile) for x in (lse, delta))
+    (dk_t, dk_chunks, dv_t, d_rows), dq = jax.lax.scan(query_block, init, blocks)
+    # dk_chunks [key_chunks, B * H * chunk, d] -> [B, H, keys, d]
+    dk_chunks = jnp.moveaxis(dk_chunks.reshape(tile.key_chunks, *k.shape[:2], tile.chunk, k.shape[-1]), 0, 2)
+    dk = jnp.swapaxes(dk_t, -1, -2) + dk_chunks.reshape(k.shape)
     (d_table,) = rows_vjp(d_rows.astype(rows.dtype))
     rng_cotangent = np.zeros(np.shape(rng), jax.dtypes.float0)
-    return (_unblock(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_table.astype(distance_table.dtype),
-            jnp.zeros_like(bias), rng_cotangent)
+    return (_unblock(dq), dk.astype(k.dtype), jnp.swapaxes(dv_t, -1, -2).astype(v.dtype),
+            d_table.astype(distance_table.dtype), jnp.zeros_like(bias), rng_cotangent)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
