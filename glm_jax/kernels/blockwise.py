@@ -142,6 +142,13 @@ def _skew_transpose(g, rows_width: int):
     return skew_of(g)[0]
 
 
+def _canonical(product):
+    """A transposed-layout matmul result kept as computed. Where the scan has one query block XLA
+    removes the loop and folds the final [d, keys] -> [keys, d] swap into the matmul: off the fast
+    path in float32, and for bf16 operands a dot XLA:CPU cannot run at all."""
+    return jax.lax.optimization_barrier(product)
+
+
 def _transposed(product):
     """Swaps the last two axes of a small matmul result. The barrier stops XLA from folding the
     swap into the matmul, which would then contract the large operand's leading axis, off
@@ -169,7 +176,7 @@ def _block_score_grads(d_scores, queries: _BlockQueries, k, chunks_flat_t, windo
     q = queries.q
     ds = (d_scores / math.sqrt(q.shape[-1])).astype(q.dtype)
     dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=jnp.float32)
-    dk_t = jnp.einsum("bhdq,bhqk->bhdk", queries.q_t, ds, preferred_element_type=jnp.float32)
+    dk_t = _canonical(jnp.einsum("bhdq,bhqk->bhdk", queries.q_t, ds, preferred_element_type=jnp.float32))
     views, views_vjp = jax.vjp(lambda w: _window_views(w, static), window)
     d_descending, d_windows, dk_chunks = jnp.zeros_like(views[0]), jnp.zeros_like(views[1]), None
     if static.relative != "none":
@@ -292,8 +299,8 @@ def _flash_bwd(static: _Static, residuals, d_context):
         if static.dropout_rate > 0:
             keep = _keep_scale(rng, i, p.shape, static.dropout_rate)
             kept, dp = p * keep, dp * keep
-        dv_t += jnp.einsum("bhdq,bhqk->bhdk", do_t_i, kept.astype(do_i.dtype),
-                           preferred_element_type=jnp.float32)
+        dv_t += _canonical(jnp.einsum("bhdq,bhqk->bhdk", do_t_i, kept.astype(do_i.dtype),
+                                      preferred_element_type=jnp.float32))
         dq_i, dk_t_part, dk_chunks_part, d_window = _block_score_grads(
             p * (dp - delta_i[..., None]), queries_i, k, chunks_flat_t, window, static)
         if dk_chunks_part is not None:
