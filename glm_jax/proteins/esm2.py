@@ -168,6 +168,13 @@ def _dense(x, p, dtype):
     return x.astype(dtype) @ p["kernel"].astype(dtype) + p["bias"].astype(dtype)
 
 
+def _gelu(x):
+    """Exact (erf) GELU written as ESM / HF do. `jax.nn.gelu(approximate=False)` goes through
+    erfc, which XLA:CPU expands into two polynomials, an exp and two divisions per element: the
+    erf form is 1.3x faster on ESM2-8M's [tokens, 1280] MLP activations (equal to ~1e-6)."""
+    return x * 0.5 * (1.0 + jax.lax.erf(x * 2 ** -0.5))
+
+
 def default_inv_freq(head_dim: int) -> np.ndarray:
     """Rotary frequencies 10000^(-2i/head_dim) -> float32 [head_dim / 2]"""
     return (1.0 / (10000 ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
@@ -226,7 +233,7 @@ def _layer(x, p, key_valid, config: Esm2Config, dtype, query_block: int):
     attended = attended.swapaxes(1, 2).reshape(batch, tokens, -1)
     x = x + _dense(attended, p["attention_out"], dtype).astype(jnp.float32)
     h = _layer_norm(x, p["mlp_norm"], config.layer_norm_eps)
-    h = jax.nn.gelu(_dense(h, p["mlp_in"], dtype), approximate=False)
+    h = _gelu(_dense(h, p["mlp_in"], dtype))
     return x + _dense(h, p["mlp_out"], dtype).astype(jnp.float32)
 
 
