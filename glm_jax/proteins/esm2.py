@@ -180,14 +180,20 @@ def default_inv_freq(head_dim: int) -> np.ndarray:
     return (1.0 / (10000 ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
 
 
-def _rotary(x, inv_freq):
-    """Rotary position embedding (half-split layout). x [batch, heads, tokens, head_dim], inv_freq [head_dim / 2]"""
-    tokens = x.shape[2]
-    angles = jnp.arange(tokens, dtype=jnp.float32)[:, None] * inv_freq[None]
-    angles = jnp.concatenate([angles, angles], -1)  # [tokens, head_dim], broadcast over batch and heads
+def _rotary_tables(inv_freq, tokens: int):
+    """cos and sin of the rotary angles, computed once per call rather than per element of q and k.
+    inv_freq [..., head_dim / 2] -> (cos, sin) float32 [..., tokens, head_dim]"""
+    angles = jnp.arange(tokens, dtype=jnp.float32)[:, None] * inv_freq[..., None, :]
+    angles = jnp.concatenate([angles, angles], -1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _rotary(x, cos, sin):
+    """Rotary position embedding (half-split layout). x [batch, heads, tokens, head_dim], cos and
+    sin [tokens, head_dim] (`_rotary_tables`)"""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], -1)
-    return (x.astype(jnp.float32) * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
 def _attention(q, k, v, key_valid, query_block: int):
@@ -223,13 +229,15 @@ def _layer(x, p, key_valid, config: Esm2Config, dtype, query_block: int):
     batch, tokens, _ = x.shape
     h = _layer_norm(x, p["attention_norm"], config.layer_norm_eps)
 
-    def head_major(name):  # -> [batch, heads, tokens, head_dim]
-        return _dense(h, p[name], dtype).reshape(batch, tokens, config.num_heads, config.head_dim).swapaxes(1, 2)
-
+    # q, k and v in one matmul (3x wider: faster on CPU than three), then head-major
+    # [3, batch, heads, tokens, head_dim].
+    qkv = {leaf: jnp.concatenate([p[name][leaf] for name in ("query", "key", "value")], -1)
+           for leaf in ("kernel", "bias")}
+    q, k, v = _dense(h, qkv, dtype).reshape(batch, tokens, 3, config.num_heads, config.head_dim).transpose(2, 0, 3, 1, 4)
     # ESM scales the query before the rotation (not the scores after it); the results differ.
-    q = _rotary(head_major("query") * config.head_dim ** -0.5, p["inv_freq"])
-    k = _rotary(head_major("key"), p["inv_freq"])
-    attended = _attention(q, k, head_major("value"), key_valid, query_block)
+    q = _rotary(q * config.head_dim ** -0.5, *p["rotary"])
+    k = _rotary(k, *p["rotary"])
+    attended = _attention(q, k, v, key_valid, query_block)
     attended = attended.swapaxes(1, 2).reshape(batch, tokens, -1)
     x = x + _dense(attended, p["attention_out"], dtype).astype(jnp.float32)
     h = _layer_norm(x, p["mlp_norm"], config.layer_norm_eps)
@@ -258,6 +266,7 @@ def _run_layers(params: Params, tokens, config: Esm2Config, num_layers: int, com
     dtype = COMPUTE_DTYPES[compute_dtype]
     key_valid = tokens != PAD_ID
     layers = jax.tree.map(lambda a: a[:num_layers], params["layers"])
+    layers["rotary"] = _rotary_tables(layers["inv_freq"], tokens.shape[1])
 
     def step(x, p):
         x = _layer(x, p, key_valid, config, dtype, query_block)
