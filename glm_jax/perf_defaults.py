@@ -11,11 +11,11 @@ import sys
 from platform import libc_ver
 
 PLATFORM_DEFAULTS = {
-    # ESM2 attention runs over blocks of this many keys with an online softmax. On CPU, blocks of
-    # 64 keep a [batch, heads, tokens, 64] score tile in cache: ESM2-8M attention (head_dim 16)
-    # 2.0x faster than 512-key blocks at 32 x 384 tokens; whole embedding of 150 genome proteins
-    # 1.17x (26.6 -> 22.8 s CPU, one thread, interleaved runs in one process).
-    "esm2_key_block": {"cpu": 64, "default": 512},
+    # ESM2 attention runs over blocks of this many queries (a softmax over all keys per block). On
+    # CPU, 64 queries: ESM2-8M attention 1.8x faster at 32 x 384 tokens and 1.6x at 8 x 1536 than
+    # the earlier online softmax over 64-key blocks; 128 is as fast at 384 tokens but 3x slower at
+    # 1536, 16-32 are 1.2-1.5x slower (interleaved, one process, 2 threads).
+    "esm2_query_block": {"cpu": 64, "default": 512},
     # gLM blockwise attention: queries per block (each block's scores against all keys are one
     # [batch, heads, block, genes] array) and keys per chunk of its k.D term (flops (block + chunk)
     # / block times q.k's). CPU: blocks of 256 vs 128, forward+backward 1.07x at 512 genes (batch 16),

@@ -99,7 +99,7 @@ def test_tiny_parity_with_padding_and_masks(num_layers, hidden, heads, prefix):
     np.testing.assert_allclose(middle, _residue_mean(ref[1], tokens), atol=1e-4, rtol=0)
 
 
-def test_output_independent_of_padding_and_key_blocks():
+def test_output_independent_of_padding_and_query_blocks():
     config = esm2.Esm2Config(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64)
     params = esm2.init_params(config, seed=1)
     row = esm2.tokenize("MKTAYIAKQRQISFVKSHFSRQ")
@@ -107,7 +107,7 @@ def test_output_independent_of_padding_and_key_blocks():
     alone = esm2.hidden_states(params, row[None], config)
     padded = esm2.hidden_states(params, esm2.pad_batch([row], length=64), config)
     np.testing.assert_allclose(padded[:, :, : len(row)], alone, atol=1e-5, rtol=0)
-    blocked = esm2.hidden_states(params, esm2.pad_batch([row], length=64), config, key_block=24)
+    blocked = esm2.hidden_states(params, esm2.pad_batch([row], length=64), config, query_block=24)
     np.testing.assert_allclose(blocked, padded, atol=1e-5, rtol=0)
 
 

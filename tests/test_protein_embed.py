@@ -61,7 +61,7 @@ def test_batches_respect_budget_and_buckets():
     shapes = {(rows, length) for _, rows, length in batches}
     assert len(shapes) < 40  # jit compiles once per shape
     assert [pe.bucket_length(n, 12_290) for n in (3, 64, 65, 257, 385, 513, 12_000, 12_289)] == \
-        [64, 64, 128, 384, 512, 768, 12_288, 12_290]
+        [64, 64, 128, 320, 448, 576, 12_288, 12_290]
 
 
 def test_rows_split_over_eight_devices_give_one_device_embeddings(tiny_esm2_dir, proteins):

@@ -101,33 +101,41 @@ def sequence_key(sequence: str) -> str:
 
 
 def bucket_length(tokens: int, cap: int) -> int:
-    """Padded length of a batch holding sequences of up to `tokens` tokens: a multiple of 64 up to
-    256, then the next of 2^k or 1.5 * 2^k, at most `cap`; so only a few shapes are compiled."""
-    if tokens <= 256:
-        return min(-(-tokens // 64) * 64, cap)
-    size = 256
-    while size < tokens:
-        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
-    return min(size, cap)
+    """Padded length of a batch holding sequences of up to `tokens` tokens: the next multiple of
+    max(64, 2^k / 16) for 2^k the next power of two (multiples of 64 up to 1024, of 128 up to
+    2048, ...: at most ~6% padding past 1024 tokens), at most `cap`. With `plan_batches`, ESM2-8M
+    on the shipped genomes' proteins gets 7% fewer padded tokens and 18% fewer attention scores
+    than with 64-multiples up to 256 then 2^k / 1.5 * 2^k, for 25 compiled shapes instead of 17."""
+    step = max(64, (1 << (int(tokens) - 1).bit_length()) // 16)
+    return min(-(-tokens // step) * step, cap)
+
+
+# How much longer than its first sequence's bucket a batch may grow to take the next buckets' sequences:
+# all that the carry gains on the shipped genomes (4,942 proteins), without padding a sparse sample's
+# short proteins to a much longer bucket (48 proteins: 1.7x more padded tokens with no bound).
+CARRY_GROWTH = 1.2
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int, cap: int) -> list[tuple[list[int], int, int]]:
     """Group sequence indices (of token counts `lengths`) into batches -> [(indices, rows, length)].
 
-    Sequences are sorted by length; a batch has `length = bucket_length(...)` and
-    `rows * length <= max_tokens` (at least 1 row). A bucket's last, partial batch is padded to
-    the next power of two rows, so each bucket compiles at most ~log2(rows) shapes."""
+    Sequences are taken in order of length; a batch has `length = bucket_length(longest)` and
+    `rows = max_tokens // length` (at least 1), and takes sequences while they fill its rows and
+    their bucket is at most `CARRY_GROWTH` x its first one's, so a bucket's leftovers ride, padded
+    a little longer, in the next bucket's first batch instead of in a batch of mostly empty rows.
+    A batch cut short is padded to the next power of two rows, so each bucket compiles one or two
+    shapes."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    rows_at = lambda length: max(1, max_tokens // length)  # noqa: E731
     batches, start = [], 0
     while start < len(order):
-        length = bucket_length(lengths[order[start]], cap)
-        rows = max(1, max_tokens // length)
-        stop = start
-        while stop < len(order) and stop - start < rows and lengths[order[stop]] <= length:
+        stop, first = start + 1, bucket_length(lengths[order[start]], cap)
+        while stop < len(order) and stop - start < rows_at(next_length := bucket_length(lengths[order[stop]], cap)) \
+                and next_length <= CARRY_GROWTH * first:
             stop += 1
-        taken = stop - start
-        batches.append((order[start:stop], rows if taken == rows else min(rows, 1 << (taken - 1).bit_length()),
-                        length))
+        length = bucket_length(lengths[order[stop - 1]], cap)
+        taken, rows = stop - start, rows_at(length)
+        batches.append((order[start:stop], rows if taken == rows else min(rows, 1 << (taken - 1).bit_length()), length))
         start = stop
     return batches
 

@@ -168,70 +168,80 @@ def _dense(x, p, dtype):
     return x.astype(dtype) @ p["kernel"].astype(dtype) + p["bias"].astype(dtype)
 
 
+def _gelu(x):
+    """Exact (erf) GELU written as ESM / HF do. `jax.nn.gelu(approximate=False)` goes through
+    erfc, which XLA:CPU expands into two polynomials, an exp and two divisions per element: the
+    erf form is 1.3x faster on ESM2-8M's [tokens, 1280] MLP activations (equal to ~1e-6)."""
+    return x * 0.5 * (1.0 + jax.lax.erf(x * 2 ** -0.5))
+
+
 def default_inv_freq(head_dim: int) -> np.ndarray:
     """Rotary frequencies 10000^(-2i/head_dim) -> float32 [head_dim / 2]"""
     return (1.0 / (10000 ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
 
 
-def _rotary(x, inv_freq):
-    """Rotary position embedding (half-split layout). x [batch, tokens, heads, head_dim], inv_freq [head_dim / 2]"""
-    tokens = x.shape[1]
-    angles = jnp.arange(tokens, dtype=jnp.float32)[:, None] * inv_freq[None]
-    angles = jnp.concatenate([angles, angles], -1)[None, :, None, :]  # [1, tokens, 1, head_dim]
+def _rotary_tables(inv_freq, tokens: int):
+    """cos and sin of the rotary angles, computed once per call rather than per element of q and k.
+    inv_freq [..., head_dim / 2] -> (cos, sin) float32 [..., tokens, head_dim]"""
+    angles = jnp.arange(tokens, dtype=jnp.float32)[:, None] * inv_freq[..., None, :]
+    angles = jnp.concatenate([angles, angles], -1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _rotary(x, cos, sin):
+    """Rotary position embedding (half-split layout). x [batch, heads, tokens, head_dim], cos and
+    sin [tokens, head_dim] (`_rotary_tables`)"""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], -1)
-    return (x.astype(jnp.float32) * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-def _attention(q, k, v, key_valid, key_block: int):
-    """Softmax attention computed over blocks of keys with a running (online) softmax, as flash
-    attention does: scores are [batch, heads, tokens, key_block] at a time instead of
-    [.., tokens, tokens] (a 12k-residue protein fits), and XLA on CPU runs it ~2x faster.
+def _attention(q, k, v, key_valid, query_block: int):
+    """Softmax attention over blocks of queries: each step of a scan takes `query_block` queries
+    against all keys, so scores are [batch, heads, query_block, tokens] at a time instead of
+    [.., tokens, tokens] (a 12k-residue protein fits). Head-major operands make each block one
+    batched matmul, softmax, matmul that XLA:CPU fuses into a single YNNPACK call; on CPU this is
+    ~1.7x faster than an online softmax over key blocks (ESM2-8M at 32 x 384 and 8 x 1536 tokens).
     Scores and softmax statistics are float32.
 
-    q, k, v [batch, tokens, heads, head_dim]; key_valid [batch, tokens] bool -> like q
+    q, k, v [batch, heads, tokens, head_dim]; key_valid [batch, tokens] bool -> float32 like q
     """
-    batch, tokens, heads, head_dim = k.shape
-    blocks = -(-tokens // key_block)
-    size = -(-tokens // blocks)  # equal blocks, so at most blocks - 1 padded keys
+    batch, heads, tokens, head_dim = q.shape
+    blocks = -(-tokens // query_block)
+    size = -(-tokens // blocks)  # equal blocks, so at most blocks - 1 padded queries
     pad = blocks * size - tokens
-    k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(batch, blocks, size, heads, head_dim)
-            for a in (k, v))
-    key_valid = jnp.pad(key_valid, ((0, 0), (0, pad))).reshape(batch, blocks, size)
-    lowest = jnp.finfo(jnp.float32).min  # not -inf: an all-padding row must not give NaN
+    q_blocks = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(batch, heads, blocks, size, head_dim)
+    # not -inf: an all-padding row must not give NaN
+    key_bias = jnp.where(key_valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
 
-    def step(carry, block):
-        running_max, normaliser, out = carry  # [b, h, q], [b, h, q], [b, h, q, d]
-        k_block, v_block, valid = block
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_block, preferred_element_type=jnp.float32)
-        scores = jnp.where(valid[:, None, None, :], scores, lowest)
-        new_max = jnp.maximum(running_max, scores.max(-1))
-        weights = jnp.exp(scores - new_max[..., None])
-        decay = jnp.exp(running_max - new_max)
-        out = out * decay[..., None] + jnp.einsum("bhqk,bkhd->bhqd", weights.astype(v.dtype), v_block,
-                                                  preferred_element_type=jnp.float32)
-        return (new_max, normaliser * decay + weights.sum(-1), out), None
+    def step(_, q_block):  # [batch, heads, size, head_dim]
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q_block, k, preferred_element_type=jnp.float32) + key_bias
+        weights = jnp.exp(scores - scores.max(-1, keepdims=True))
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return None, out / weights.sum(-1, keepdims=True)
 
-    stats = jnp.full((batch, heads, tokens), lowest), jnp.zeros((batch, heads, tokens))
-    init = (*stats, jnp.zeros((batch, heads, tokens, head_dim), jnp.float32))
-    (_, normaliser, out), _ = jax.lax.scan(step, init, (jnp.moveaxis(k, 1, 0), jnp.moveaxis(v, 1, 0),
-                                                         jnp.moveaxis(key_valid, 1, 0)))
-    return jnp.swapaxes(out / normaliser[..., None], 1, 2).astype(v.dtype)
+    _, out = jax.lax.scan(step, None, jnp.moveaxis(q_blocks, 2, 0))  # [blocks, batch, heads, size, head_dim]
+    return jnp.moveaxis(out, 0, 2).reshape(batch, heads, blocks * size, head_dim)[:, :, :tokens]
 
 
-def _layer(x, p, key_valid, config: Esm2Config, dtype, key_block: int):
+def _layer(x, p, key_valid, config: Esm2Config, dtype, query_block: int):
     """One pre-LN transformer layer. x float32 [batch, tokens, hidden] -> same."""
     batch, tokens, _ = x.shape
-    heads = (batch, tokens, config.num_heads, config.head_dim)
     h = _layer_norm(x, p["attention_norm"], config.layer_norm_eps)
+
+    # q, k and v in one matmul (3x wider: faster on CPU than three), then head-major
+    # [3, batch, heads, tokens, head_dim].
+    qkv = {leaf: jnp.concatenate([p[name][leaf] for name in ("query", "key", "value")], -1)
+           for leaf in ("kernel", "bias")}
+    q, k, v = _dense(h, qkv, dtype).reshape(batch, tokens, 3, config.num_heads, config.head_dim).transpose(2, 0, 3, 1, 4)
     # ESM scales the query before the rotation (not the scores after it); the results differ.
-    q = _rotary(_dense(h, p["query"], dtype).reshape(heads) * config.head_dim ** -0.5, p["inv_freq"])
-    k = _rotary(_dense(h, p["key"], dtype).reshape(heads), p["inv_freq"])
-    v = _dense(h, p["value"], dtype).reshape(heads)
-    attended = _attention(q, k, v, key_valid, key_block).reshape(batch, tokens, -1)
+    q = _rotary(q * config.head_dim ** -0.5, *p["rotary"])
+    k = _rotary(k, *p["rotary"])
+    attended = _attention(q, k, v, key_valid, query_block)
+    attended = attended.swapaxes(1, 2).reshape(batch, tokens, -1)
     x = x + _dense(attended, p["attention_out"], dtype).astype(jnp.float32)
     h = _layer_norm(x, p["mlp_norm"], config.layer_norm_eps)
-    h = jax.nn.gelu(_dense(h, p["mlp_in"], dtype), approximate=False)
+    h = _gelu(_dense(h, p["mlp_in"], dtype))
     return x + _dense(h, p["mlp_out"], dtype).astype(jnp.float32)
 
 
@@ -248,7 +258,7 @@ def _embed(params: Params, tokens, config: Esm2Config):
 
 
 def _run_layers(params: Params, tokens, config: Esm2Config, num_layers: int, compute_dtype: str,
-                key_block: int, collect: bool):
+                query_block: int, collect: bool):
     """Embedding + the first `num_layers` layers (+ final LayerNorm when all layers run).
 
     -> (x [batch, tokens, hidden], per-layer outputs [num_layers, batch, tokens, hidden] or None)
@@ -256,9 +266,10 @@ def _run_layers(params: Params, tokens, config: Esm2Config, num_layers: int, com
     dtype = COMPUTE_DTYPES[compute_dtype]
     key_valid = tokens != PAD_ID
     layers = jax.tree.map(lambda a: a[:num_layers], params["layers"])
+    layers["rotary"] = _rotary_tables(layers["inv_freq"], tokens.shape[1])
 
     def step(x, p):
-        x = _layer(x, p, key_valid, config, dtype, key_block)
+        x = _layer(x, p, key_valid, config, dtype, query_block)
         return x, (x if collect else None)
 
     x, per_layer = jax.lax.scan(step, _embed(params, tokens, config), layers)
@@ -267,31 +278,31 @@ def _run_layers(params: Params, tokens, config: Esm2Config, num_layers: int, com
     return x, per_layer
 
 
-@functools.partial(jax.jit, static_argnames=("config", "compute_dtype", "key_block"))
+@functools.partial(jax.jit, static_argnames=("config", "compute_dtype", "query_block"))
 def hidden_states(params: Params, tokens, config: Esm2Config, compute_dtype: str = "float32",
-                  key_block: int | None = None):
+                  query_block: int | None = None):
     """All representations, fair-esm numbering. tokens [batch, tokens] int
     -> float32 [num_layers + 1, batch, tokens, hidden]: 0 = embeddings, i = after layer i, the
-    last one after `emb_layer_norm_after`. key_block: keys per attention block (None: the
-    platform's `esm2_key_block`)."""
-    key_block = key_block or platform_default("esm2_key_block")
+    last one after `emb_layer_norm_after`. query_block: queries per attention block (None: the
+    platform's `esm2_query_block`)."""
+    query_block = query_block or platform_default("esm2_query_block")
     embedded = _embed(params, tokens, config)
-    final, per_layer = _run_layers(params, tokens, config, config.num_layers, compute_dtype, key_block, True)
+    final, per_layer = _run_layers(params, tokens, config, config.num_layers, compute_dtype, query_block, True)
     return jnp.concatenate([embedded[None], per_layer[:-1], final[None]])
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layer", "compute_dtype", "key_block"))
+@functools.partial(jax.jit, static_argnames=("config", "layer", "compute_dtype", "query_block"))
 def mean_embeddings(params: Params, tokens, config: Esm2Config, layer: int | None = None,
-                    compute_dtype: str = "float32", key_block: int | None = None):
+                    compute_dtype: str = "float32", query_block: int | None = None):
     """Per-protein embedding: the mean of representation `layer` (default: the last, after
     `emb_layer_norm_after`, as gLM's pipeline) over residue positions only (no <cls>/<eos>/<pad>).
     Runs only the layers it needs. tokens [batch, tokens] int -> float32 [batch, hidden]
     (all-padding rows give zeros)."""
     layer = config.num_layers if layer is None else layer
-    key_block = key_block or platform_default("esm2_key_block")
+    query_block = query_block or platform_default("esm2_query_block")
     if not 0 <= layer <= config.num_layers:
         raise InputError(f"layer {layer} outside 0..{config.num_layers}")
-    x, _ = _run_layers(params, tokens, config, layer, compute_dtype, key_block, False)
+    x, _ = _run_layers(params, tokens, config, layer, compute_dtype, query_block, False)
     residue = ((tokens != PAD_ID) & (tokens != CLS_ID) & (tokens != EOS_ID)).astype(jnp.float32)
     return (x * residue[..., None]).sum(1) / jnp.maximum(residue.sum(1), 1.0)[:, None]
 
