@@ -5,7 +5,8 @@
 Each table lives in README.md between `<!-- perf:NAME:begin -->` and `<!-- perf:NAME:end -->`
 (NAME: one per case in CASE_TABLES, and `scaling`, the analytic scaling table of
 benchmarks/scaling_table.py). Of several records of one measurement -- same case, config, impl,
-dtype, batch, shapes and device -- the latest wins. Tables are grouped by device; each group names
+dtype, batch, shapes and device -- the latest wins, and a command rerun at a newer commit replaces
+all rows of its earlier commits. Tables are grouped by device; each group names
 the device, the versions and the commands that produced it. `--check` rewrites nothing and exits
 1 when README.md differs from what the results give.
 """
@@ -74,10 +75,26 @@ def measurement_key(record: dict) -> tuple:
             json.dumps(record.get("shapes") or {}, sort_keys=True), record.get("device"))
 
 
-def latest(records: list[dict]) -> list[dict]:
-    """The latest record of each measurement (by timestamp, then file order), in first-seen order."""
-    chosen: dict[tuple, tuple] = {}
+def newest_runs(records: list[dict]) -> list[dict]:
+    """Drops the records of a command's earlier commits: when the same command (case, config,
+    device) ran again at a newer commit, its old rows go even where the new run measured other
+    shapes (e.g. new ESM2 bucket lengths), so a table never mixes two versions of one sweep."""
+    def group(record):
+        return record.get("case"), record.get("config"), record.get("device"), record.get("command")
+
+    newest: dict[tuple, tuple] = {}
     for index, record in enumerate(records):
+        rank = (record.get("timestamp") or "", index)
+        if group(record) not in newest or rank >= newest[group(record)][0]:
+            newest[group(record)] = (rank, record.get("commit"))
+    return [record for record in records if record.get("commit") == newest[group(record)][1]]
+
+
+def latest(records: list[dict]) -> list[dict]:
+    """The latest record of each measurement (by timestamp, then file order) among `newest_runs`,
+    in first-seen order."""
+    chosen: dict[tuple, tuple] = {}
+    for index, record in enumerate(newest_runs(records)):
         key = measurement_key(record)
         rank = (record.get("timestamp") or "", index)
         if key not in chosen or rank >= chosen[key][0]:

@@ -185,6 +185,20 @@ def test_report_writes_tables_and_plots(tmp_path):
     assert readme.read_text() == text
 
 
+def test_a_rerun_at_a_newer_commit_replaces_the_whole_old_sweep():
+    """Rows of shapes the new run no longer measures (old ESM2 bucket lengths) go too; another
+    command's rows stay."""
+    def esm2(length, sha, day, command=None):
+        return result(case="esm2", config="esm2-8M", impl="jax", dtype="float32", batch=2, median_s=1.0,
+                      shapes={"length": length}, commit={"sha": sha * 40, "dirty": False},
+                      timestamp=f"2026-01-{day:02d}T00:00:00+00:00", command=command)
+
+    other = esm2(2048, "a", 1, command="python benchmarks/run.py esm2 --max-residues 2046")
+    kept = report.latest([esm2(1536, "a", 1), esm2(1024, "a", 1), other, esm2(1280, "b", 2), esm2(1024, "b", 2)])
+    assert sorted(r["shapes"]["length"] for r in kept) == [1024, 1280, 2048]
+    assert all(r["commit"]["sha"] == "b" * 40 for r in kept if r is not other)
+
+
 def test_report_errors_name_the_file(tmp_path, capsys):
     readme = readme_with_markers(tmp_path / "README.md")
     bad = tmp_path / "bad.jsonl"
