@@ -26,14 +26,12 @@ dropped and rescaled by 1 / (1 - rate)); the keep mask of query block i comes fr
 so it differs from the reference's draw for the same rng (`dense_dropout_mask` rebuilds it). No
 probabilities are returned.
 
-Measured on CPU (AMD EPYC, 2 threads shared with other jobs, so +-30% noise; gLM-base heads
-10 x 128, batch x genes = 8192, float32; `python benchmarks/run.py attention --lengths 512,2048
---impls reference,xla_shifted,blockwise --dtypes float32 --repeats 3`), time of the reference / time:
-forward 1.11x at 512 genes, 3.65x at 2,048; forward+backward 0.73x at 512, 1.15x at 2,048 (before
-the backward matmuls were put on the YNNPACK path, with query blocks of 128: 0.56x / 0.82x),
-forward+backward compiled memory 1.22 GiB at 2,048 with the default query blocks of 256 (0.80 GiB
-with 128; reference 7.8); at 8,192 genes (batch 1) forward+backward took 154 s in 0.91 GiB before
-that change, where the reference (104 GiB) is skipped over the 8 GB cap.
+Measured on CPU (AMD EPYC, 2 threads, quiet machine; gLM-base heads 10 x 128, batch x genes = 8192,
+float32; `python benchmarks/run.py attention --lengths 30,128,512,2048 --dtypes float32 --repeats 3`),
+time of the reference / time: forward 1.53x at 512 genes, 2.48x at 2,048; forward+backward 0.94x at
+512, 1.02x at 2,048; forward+backward compiled memory 1.31 GB at 2,048 (reference 7.8 GB). At 8,192
+genes (batch 1) forward+backward takes 31 s in 1.31 GB, where the reference (104 GB) is skipped over
+the 8 GB cap. README "Performance" has the table.
 What is left in the backward besides matmuls: the two skew transposes (pads) and the k.D term's
 [chunks, ..., chunk, block] <-> [block, keys] transpose, one pass over a score-sized array each
 per block.
@@ -153,7 +151,7 @@ def _transposed(product):
     """Swaps the last two axes of a small matmul result. The barrier stops XLA from folding the
     swap into the matmul, which would then contract the large operand's leading axis, off
     XLA:CPU's fast (YNNPACK) path."""
-    return jnp.swapaxes(jax.lax.optimization_barrier(product), -1, -2)
+    return jnp.swapaxes(_canonical(product), -1, -2)
 
 
 class _BlockQueries(NamedTuple):

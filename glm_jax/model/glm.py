@@ -30,9 +30,6 @@ from glm_jax.model.attention import attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 POSITION_EMBEDDING_TYPES = ("relative_key_query", "relative_key", "none")
-# stacked layer parameters that enter matmuls, cast to a lower compute dtype; norms and biases stay float32
-LOW_PRECISION_PARAMS = ("query_kernel", "key_kernel", "value_kernel", "out_kernel", "mlp_in_kernel", "mlp_out_kernel",
-                        "distance_embedding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +242,12 @@ def _low_precision_einsum_bwd(spec, residuals, cotangent):
 _low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
 
 
+def _enters_matmuls(name: str) -> bool:
+    """Whether a stacked layer parameter is a matmul operand (the dense kernels and the distance
+    table); norms and biases stay float32 in a lower compute dtype."""
+    return name.endswith("_kernel") or name == "distance_embedding"
+
+
 def _dense(x: jax.Array, kernel: jax.Array, bias: jax.Array, spec: str, dtype) -> jax.Array:
     """einsum(x, kernel) + bias in the compute dtype: [..., in] -> [..., out].
 
@@ -325,8 +328,7 @@ class EncoderStack(nnx.Module):
             # Matmul operands are cast once for the whole stack, not per layer inside the scan: the
             # scan then slices bf16 arrays and its backward reuses them instead of saving a cast
             # copy of every layer's weights (on CPU those copies cost a quarter of a bf16 step).
-            params = {name: value.astype(dtype) if name in LOW_PRECISION_PARAMS else value
-                      for name, value in params.items()}
+            params = {name: value.astype(dtype) if _enters_matmuls(name) else value for name, value in params.items()}
         layer_rngs = jax.random.split(rng, config.num_layers) if rng is not None else None
 
         def body(carry, layer_inputs):
