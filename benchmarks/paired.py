@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 from benchmarks.timing import measured_matmul_peak, time_fn
@@ -11,6 +12,7 @@ from benchmarks.timing import measured_matmul_peak, time_fn
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+@functools.lru_cache(maxsize=None)
 def autocast_dtype(device: str) -> str | None:
     """The PyTorch autocast dtype that JAX bfloat16 is set against on `device`: float16 on CUDA
     (the original trained and embedded in float16 autocast), bfloat16 on a CPU with a native bf16
@@ -115,7 +117,7 @@ def plan(args, quick_batch: int) -> Plan:
                 jax_dtypes=["float32"] + (["bfloat16"] if low_precision and not args.quick else []))
 
 
-def torch_sides(baselines: list[str], device: str, make: Callable[[object, bool], Callable], reference,
+def torch_sides(baselines: list[str], device: str, make: Callable[[object, str | None], Callable], reference,
                 missing: str | None = None) -> list[Side]:
     """The PyTorch sides asked for: eager float32 (+ eager in `autocast_dtype(device)` where there is
     one), torch.compile float32. make(module, autocast dtype or None) -> call. Without a reference

@@ -131,10 +131,10 @@ def run(args, recorder) -> None:
         shapes.setdefault(batch.shape, (batch, indices))
     residues_total = sum(min(len(p), max_residues) for p in proteins)
     for dtype in dtypes:
-        torch_dtype = paired.baseline_of(dtype, device)[1]  # bfloat16 JAX against autocast PyTorch
+        autocast = None if dtype == "float32" else paired.autocast_dtype(device)  # bf16 JAX vs autocast PyTorch
+        torch_dtype = f"{autocast}-autocast" if autocast else "float32"
         sides = {"jax": embed.Esm2Embedder(config, params, compute_dtype=dtype),
-                 "torch_eager": torch_embedder(model, device, paired.autocast_dtype(device)
-                                               if torch_dtype != "float32" else None)}
+                 "torch_eager": torch_embedder(model, device, autocast)}
         dtype_of = {"jax": dtype, "torch_eager": torch_dtype}
         per_shape = {impl: {} for impl in sides}
         outputs = {}
