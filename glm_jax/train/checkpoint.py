@@ -54,8 +54,8 @@ def check_workdir_architecture(workdir: str | pathlib.Path, model_config: GLMCon
 
 
 def write_run_config(workdir: str | pathlib.Path, model_config: GLMConfig, run_config: Any) -> None:
-    """Writes glm_config.json and config.json after `check_workdir_architecture`."""
-    check_workdir_architecture(workdir, model_config)
+    """Writes glm_config.json and config.json; the caller has run `check_workdir_architecture` (before
+    opening its data, so that bad data leaves no workdir behind)."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     for name, text in ((checkpoint.CONFIG_FILE, json.dumps(model_config.to_dict(), indent=2)),
