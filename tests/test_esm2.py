@@ -206,7 +206,7 @@ def test_checkpoint_errors_name_the_tensors(tiny_esm2_dir, tmp_path):
     del state["encoder.emb_layer_norm_after.bias"]
     state["encoder.layer.0.attention.self.distance_embedding.weight"] = np.zeros((3, 8), np.float32)
     state["lm_head.dense.weight"] = np.zeros((32, 32), np.float32)  # known and unused: no error
-    with pytest.raises(esm2.CheckpointError) as err:
+    with pytest.raises(esm2.Esm2CheckpointError) as err:
         esm2.params_from_state_dict(state, config)
     message = str(err.value)
     assert "missing (1): encoder.emb_layer_norm_after.bias" in message
@@ -219,7 +219,7 @@ def test_checkpoint_errors_name_the_tensors(tiny_esm2_dir, tmp_path):
     (bad_config / "model.safetensors").write_bytes((tiny_esm2_dir / "model.safetensors").read_bytes())
     hf = json.loads((tiny_esm2_dir / "config.json").read_text())
     (bad_config / "config.json").write_text(json.dumps(hf | {"num_hidden_layers": 3}))
-    with pytest.raises(esm2.CheckpointError, match=r"missing \(16\): encoder\.layer\.2\."):
+    with pytest.raises(esm2.Esm2CheckpointError, match=r"missing \(16\): encoder\.layer\.2\."):
         esm2.load_esm2(bad_config)
     with pytest.raises(FileNotFoundError, match="no model.safetensors or pytorch_model.bin"):
         esm2.load_esm2(tmp_path)

@@ -96,7 +96,7 @@ class Esm2Config:
         hf["emb_layer_norm_before"] = bool(hf.get("emb_layer_norm_before"))  # EsmConfig's default is None
         wrong = {key: hf.get(key) for key, want in _HF_ESM2_FIXED.items() if hf.get(key, want) != want}
         if wrong:
-            raise CheckpointError(f"not an ESM2 config (expected {_HF_ESM2_FIXED}), got {wrong}")
+            raise Esm2CheckpointError(f"not an ESM2 config (expected {_HF_ESM2_FIXED}), got {wrong}")
         return cls(num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
                    num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
                    vocab_size=hf.get("vocab_size", 33), layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
@@ -148,7 +148,7 @@ def check_vocab(vocab_file: pathlib.Path) -> None:
     """A model's vocab.txt must be the ESM alphabet (our tokenizer is built in)."""
     vocab = tuple(vocab_file.read_text().split())
     if vocab != ALPHABET:
-        raise CheckpointError(f"{vocab_file}: vocabulary differs from the 33-token ESM alphabet: {vocab}")
+        raise Esm2CheckpointError(f"{vocab_file}: vocabulary differs from the 33-token ESM alphabet: {vocab}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,7 +361,7 @@ _INV_FREQ = "attention.self.rotary_embeddings.inv_freq"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class CheckpointError(StateDictError):
+class Esm2CheckpointError(StateDictError):
     """A checkpoint whose tensors do not form the ESM2 model expected."""
 
 
@@ -387,7 +387,7 @@ def _strip_prefix(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 def params_from_state_dict(state: Mapping[str, np.ndarray], config: Esm2Config) -> Params:
     """HF state dict (numpy arrays; `esm.`-prefixed or not) -> params pytree.
 
-    Raises CheckpointError naming every missing, unexpected and wrongly shaped tensor."""
+    Raises Esm2CheckpointError naming every missing, unexpected and wrongly shaped tensor."""
     state = _strip_prefix(state)
     expected = _expected_shapes(config)
     optional = {f"encoder.layer.{i}.{_INV_FREQ}": (config.head_dim // 2,) for i in range(config.num_layers)}
@@ -397,7 +397,7 @@ def params_from_state_dict(state: Mapping[str, np.ndarray], config: Esm2Config) 
     wrong = [f"{k}: {tuple(state[k].shape)} != expected {expected[k]}"
              for k in expected if k in state and tuple(state[k].shape) != expected[k]]
     if missing or unexpected or wrong:
-        raise CheckpointError("checkpoint does not match " + repr(config) + "".join(
+        raise Esm2CheckpointError("checkpoint does not match " + repr(config) + "".join(
             f"\n  {title} ({len(items)}): {', '.join(items[:12])}{' ...' if len(items) > 12 else ''}"
             for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
             if items))
@@ -428,7 +428,7 @@ def infer_config(state: Mapping[str, np.ndarray]) -> Esm2Config:
     else:
         released = [c for c in ESM2_SIZES.values() if (c.num_layers, c.hidden_size) == (num_layers, hidden)]
         if not released:
-            raise CheckpointError(f"cannot tell the head count of a {num_layers}-layer, {hidden}-wide "
+            raise Esm2CheckpointError(f"cannot tell the head count of a {num_layers}-layer, {hidden}-wide "
                                   "checkpoint: put its config.json next to the weights")
         heads = released[0].num_heads
     return Esm2Config(num_layers=num_layers, hidden_size=hidden, num_heads=heads,
