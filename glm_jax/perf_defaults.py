@@ -42,6 +42,13 @@ HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 HUGE_PAGES_SWITCH = "GLM_JAX_HUGE_PAGES"  # "0" keeps the process as it was started
 
 
+def glibc_has_huge_page_tunable() -> bool:
+    """Linux with glibc >= 2.35, whose malloc reads `HUGE_PAGE_TUNABLE` (older ones ignore it)."""
+    libc, version = libc_ver()
+    return (sys.platform.startswith("linux") and libc == "glibc"
+            and tuple(int(part) for part in version.split(".")[:2]) >= (2, 35))
+
+
 def restart_with_huge_pages() -> None:
     """Re-executes this Python process once with `HUGE_PAGE_TUNABLE` in GLIBC_TUNABLES.
 
@@ -50,11 +57,8 @@ def restart_with_huge_pages() -> None:
     tunable is already set, or with GLM_JAX_HUGE_PAGES=0.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (not sys.platform.startswith("linux") or HUGE_PAGE_TUNABLE in tunables
+    if (not glibc_has_huge_page_tunable() or HUGE_PAGE_TUNABLE in tunables
             or os.environ.get(HUGE_PAGES_SWITCH, "1") == "0"):
-        return
-    libc, version = libc_ver()
-    if libc != "glibc" or tuple(int(part) for part in version.split(".")[:2]) < (2, 35):
         return
     env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGE_TUNABLE])))
     env[HUGE_PAGES_SWITCH] = "0"  # never loop, even where glibc drops the variable

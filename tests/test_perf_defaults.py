@@ -3,7 +3,6 @@ import os
 import pathlib
 import subprocess
 import sys
-from platform import libc_ver
 
 import pytest
 
@@ -23,12 +22,6 @@ print(os.environ.get("GLIBC_TUNABLES"), huge_kb)
 """
 
 
-def _glibc_with_tunable() -> bool:
-    libc, version = libc_ver()
-    return (sys.platform.startswith("linux") and libc == "glibc"
-            and tuple(int(part) for part in version.split(".")[:2]) >= (2, 35))
-
-
 def _probe(**env_changes) -> tuple[str, int]:
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", perf_defaults.HUGE_PAGES_SWITCH)}
     env.update(env_changes)
@@ -37,7 +30,7 @@ def _probe(**env_changes) -> tuple[str, int]:
     return tunables, int(huge_kb)
 
 
-@pytest.mark.skipif(not _glibc_with_tunable(), reason="needs Linux with glibc >= 2.35")
+@pytest.mark.skipif(not perf_defaults.glibc_has_huge_page_tunable(), reason="needs Linux with glibc >= 2.35")
 def test_restart_puts_large_buffers_on_huge_pages():
     """The restarted process has the tunable, keeps other tunables, and its large allocations
     really sit on transparent huge pages (a misspelled tunable is silently ignored by glibc)."""
@@ -49,7 +42,7 @@ def test_restart_puts_large_buffers_on_huge_pages():
     assert huge_kb >= 32 << 10  # at least half of the 64 MiB buffer
 
 
-@pytest.mark.skipif(not _glibc_with_tunable(), reason="needs Linux with glibc >= 2.35")
+@pytest.mark.skipif(not perf_defaults.glibc_has_huge_page_tunable(), reason="needs Linux with glibc >= 2.35")
 def test_switch_keeps_the_process_as_started():
     tunables, huge_kb = _probe(**{perf_defaults.HUGE_PAGES_SWITCH: "0"})
     assert tunables == "None" and huge_kb < 32 << 10
