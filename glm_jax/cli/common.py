@@ -23,13 +23,18 @@ def add_model_run_arguments(parser: argparse.ArgumentParser, batch_help: str = "
     parser.add_argument("--batch-size", type=positive_int, default=batch_size, help=batch_help)
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="compute dtype (float16 is what the original's fp16 autocast ran)")
-    if not attention_options:  # infer: its --attention selects outputs, --attention-impl the kernel
-        return
+    if attention_options:  # infer names the kernel --attention-impl (its --attention selects outputs)
+        add_attention_arguments(parser, "--attention", None, "the checkpoint's, normally 'reference'")
+
+
+def add_attention_arguments(parser: argparse.ArgumentParser, flag: str, default: str | None,
+                            default_help: str) -> None:
+    """The attention implementation option (`flag`) and --clip-distances."""
     from glm_jax import kernels
-    parser.add_argument("--attention", choices=tuple(kernels.IMPLEMENTATIONS), default=None,
-                        help="attention implementation (default: the checkpoint's, normally 'reference'); "
+    parser.add_argument(flag, choices=tuple(kernels.IMPLEMENTATIONS), default=default,
+                        help=f"attention implementation (default: {default_help}); "
                              "only reference and xla_shifted return attention maps")
-    parser.add_argument("--clip-distances", action="store_true", default=None,
+    parser.add_argument("--clip-distances", action="store_true",
                         help="gene distances beyond the model's max_position_embeddings - 1 use the "
                              "distance table's end rows (Shaw et al. 2018), so contigs of any length run")
 

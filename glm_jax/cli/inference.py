@@ -100,12 +100,7 @@ def infer_main(argv: list[str]) -> int:
                                                                         "maps: whole per-window attention")
     parser.add_argument("--esm2", dest="include_esm2", action="store_true",
                         help="add the raw mean-pooled ESM2 embedding of each gene (column esm2)")
-    from glm_jax import kernels
-    parser.add_argument("--attention-impl", default="reference", choices=tuple(kernels.IMPLEMENTATIONS),
-                        help="attention implementation (only reference and xla_shifted keep attention maps)")
-    parser.add_argument("--clip-distances", action="store_true",
-                        help="gene distances beyond the model's max_position_embeddings - 1 use the distance "
-                             "table's end rows (Shaw et al. 2018), so windows of any length run")
+    common.add_attention_arguments(parser, "--attention-impl", "reference", "reference")
     common.add_progress_argument(parser)
     args = parser.parse_args(argv)
     common.output_dir(args.output)
