@@ -1,6 +1,7 @@
 """glm-jax against the PyTorch reference gLM: the same weights, timed one after the other in one run."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 from typing import Callable
@@ -98,7 +99,15 @@ def add_plan_arguments(parser, default_batch: str, batch_help: str) -> None:
     """The options `plan` reads, shared by the paired cases."""
     from benchmarks import synthetic
 
-    parser.add_argument("--configs", default="tiny,base", help=f"comma-separated, of {sorted(synthetic.MODEL_CONFIGS)}")
+    def config_names(text: str) -> list[str]:
+        names = text.split(",")
+        unknown = [name for name in names if name not in synthetic.MODEL_CONFIGS]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown config {unknown}; choose from {sorted(synthetic.MODEL_CONFIGS)}")
+        return names
+
+    parser.add_argument("--configs", type=config_names, default="tiny,base",
+                        help=f"comma-separated, of {sorted(synthetic.MODEL_CONFIGS)}")
     parser.add_argument("--batch", default=default_batch, help=batch_help)
     parser.add_argument("--baselines", default="eager,compile",
                         help="PyTorch baselines: eager, compile (torch.compile), comma-separated or 'none'")
@@ -110,7 +119,7 @@ def plan(args, quick_batch: int) -> Plan:
 
     device = torch_device()
     low_precision = jax.default_backend() != "cpu" or autocast_dtype(device) is not None
-    return Plan(configs=["tiny"] if args.quick else args.configs.split(","),
+    return Plan(configs=["tiny"] if args.quick else args.configs,
                 batches=[quick_batch] if args.quick else [int(b) for b in str(args.batch).split(",")],
                 baselines=["eager"] if args.quick else args.baselines.split(","),
                 device=device,

@@ -236,6 +236,18 @@ def test_harness_reports_missing_and_crashing_cases(tmp_path, monkeypatch, capsy
     assert kept["status"] == "ok" and failed["status"] == "failed" and "out of memory" in failed["reason"]
 
 
+@pytest.mark.parametrize("case", ["train_step", "forward"])
+def test_an_unknown_config_is_a_usage_error_before_anything_runs(case, tmp_path, capsys):
+    """One argparse line naming the bad name and the choices; no record written (it used to be a
+    KeyError traceback from inside the case)."""
+    output = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit) as exit_:
+        run.main([case, "--configs", "base,nope", "--output", str(output)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "unknown config ['nope']; choose from ['base', 'tiny']" in err
+    assert "Traceback" not in err and not output.exists()
+
+
 def test_without_a_pytorch_reference_jax_is_still_measured(tmp_path, monkeypatch):
     """transformers 5 (the GPU image) cannot build the reference: JAX runs, PyTorch is skipped."""
     from glm_jax.interop import torch_reference
