@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from glm_jax.model import checkpoint
-from glm_jax.model.glm import config_from_dict_like, create_model, dropout
+from glm_jax.model.dropout import drop_threshold, dropout, keep_mask
+from glm_jax.model.glm import config_from_dict_like, create_model
 from helpers import padding_mask, repo_config
 
 BATCH, GENES = 64, 30
@@ -119,3 +120,20 @@ def test_dropout_helper_statistics(p):
     zero = y == 0
     assert_binomial(int(zero.sum()), zero.size, p, "zeroed fraction")
     np.testing.assert_allclose(y[~zero], np.asarray(x)[~zero] / (1 - p), rtol=1e-6)
+
+
+def test_keep_mask_neighbours_are_independent_at_odd_sizes():
+    """Each 32-bit draw feeds two elements: a mask that reused one half for both (or shifted the
+    halves across rows) would make neighbours agree far more often than independence allows."""
+    p, shape = 0.5, (999, 1001)
+    keep = np.asarray(keep_mask(jax.random.key(5), p, shape))
+    assert keep.shape == shape
+    assert_binomial(int((~keep).sum()), keep.size, p, "dropped fraction")
+    both_dropped = ~keep[:, :-1] & ~keep[:, 1:]
+    assert_binomial(int(both_dropped.sum()), both_dropped.size, p * p, "neighbours both dropped")
+    assert_binomial(int((~keep[:-1] & ~keep[1:]).sum()), keep[1:].size, p * p, "rows both dropped")
+
+
+def test_drop_probability_is_the_rate_to_2_to_the_minus_16():
+    for rate in (0.1, 0.15, 0.5, 0.9):
+        assert abs(drop_threshold(rate) / 2 ** 16 - rate) <= 2 ** -17

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glm_jax import kernels
+from glm_jax.model.dropout import keep_mask
 from glm_jax.perf_defaults import platform_default
 
 RETURNS_PROBS = False
@@ -195,8 +196,8 @@ def _block_score_grads(d_scores, queries: _BlockQueries, k, chunks_flat_t, windo
 
 def _keep_scale(rng, query_block, shape, rate: float):
     """Dropout keep mask of one query block, already divided by 1 - rate."""
-    return jax.random.bernoulli(jax.random.fold_in(rng, query_block), 1.0 - rate, shape).astype(jnp.float32) / (
-        1.0 - rate)
+    keep = keep_mask(jax.random.fold_in(rng, query_block), rate, shape)
+    return jnp.where(keep, np.float32(1.0 / (1.0 - rate)), np.float32(0.0))
 
 
 @functools.partial(jax.jit, static_argnames=("batch", "heads", "num_genes", "rate", "block_size", "key_chunk"))

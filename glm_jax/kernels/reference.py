@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax import kernels
+from glm_jax.model.dropout import dropout
 
 RETURNS_PROBS = True
 SUPPORTS_DROPOUT = True
@@ -46,8 +47,6 @@ def attention_probabilities(q, k, distance_table, key_mask, *, max_positions: in
 def attention(q, k, v, distance_table, key_mask, *, max_positions: int, clip_distances: bool, relative: str,
               dropout_rate: float = 0.0, dropout_rng=None, return_probs: bool = False):
     """See `glm_jax.kernels`. Returns (context [batch, genes, heads, head_dim] in v's dtype, probs)."""
-    from glm_jax.model.glm import dropout
-
     kernels.check_length(q.shape[1], max_positions, clip_distances)
     probs = attention_probabilities(q, k, distance_table, key_mask, max_positions=max_positions, relative=relative)
     context = jnp.einsum("bhqk,bkhd->bqhd", dropout(probs, dropout_rate, dropout_rng).astype(v.dtype), v)

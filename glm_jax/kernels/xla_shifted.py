@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from glm_jax import kernels
+from glm_jax.model.dropout import dropout
 
 RETURNS_PROBS = True
 SUPPORTS_DROPOUT = True
@@ -30,8 +31,6 @@ def scores(q, k, distance_table, *, max_positions: int, relative: str) -> jax.Ar
 def attention(q, k, v, distance_table, key_mask, *, max_positions: int, clip_distances: bool, relative: str,
               dropout_rate: float = 0.0, dropout_rng=None, return_probs: bool = False):
     """See `glm_jax.kernels`. Returns (context [batch, genes, heads, head_dim] in v's dtype, probs)."""
-    from glm_jax.model.glm import dropout
-
     kernels.check_length(q.shape[1], max_positions, clip_distances)
     logits = scores(q, k, distance_table, max_positions=max_positions, relative=relative)
     probs = jax.nn.softmax(logits + kernels.key_bias(key_mask), axis=-1)

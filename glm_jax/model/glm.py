@@ -27,6 +27,7 @@ from flax import nnx
 from glm_jax import kernels, sharding
 from glm_jax.errors import ConfigError, InputError
 from glm_jax.model.attention import attention
+from glm_jax.model.dropout import dropout
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 POSITION_EMBEDDING_TYPES = ("relative_key_query", "relative_key", "none")
@@ -203,14 +204,6 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(x.dtype)
-
-
-def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
-    """Inverted dropout; identity when `rng` is None (deterministic) or rate is 0."""
-    if rng is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
