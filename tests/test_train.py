@@ -12,7 +12,7 @@ from glm_jax.train import metrics_log
 from glm_jax.train import trainer as train
 from glm_jax.model.glm import config_from_dict_like, create_model
 from glm_jax.train.checkpoint import load_model_from_workdir
-from helpers import params_numpy, random_windows, readers, run, tiny_config
+from helpers import fails, params_numpy, random_windows, readers, run, tiny_config
 
 # Different meshes reduce in different orders (float32 all-reduces), nothing else differs:
 # per-step losses agree to ~1e-7 relative; 1e-5 leaves room for 6 Adam steps of amplification.
@@ -104,16 +104,14 @@ def test_nan_fails_loudly_naming_the_step(tmp_path):
     config = tiny_config(steps=4, mesh=(8, 1, 1))
     train_reader, _ = readers(config)
     train_reader.arrays["inputs_embeds"][:] = np.nan
-    with pytest.raises(ValueError, match=r"first training batch .*inputs_embeds contain NaN/Inf at \[contig, gene\] \[\[0, 0\]"):
+    with pytest.raises(ValueError, match=r"first train batch .*inputs_embeds contain NaN/Inf at \[contig, gene\] \[\[0, 0\]"):
         train.train_and_evaluate(config, tmp_path / "first", train_data=train_reader)
 
     class NanAfterTheFirstBatch(shards.InMemoryWindows):
-        served = 0
-
-        def __next__(self):
+        def __next__(self):  # by position: the trainer reads the first batch twice (checked, rewound, trained on)
+            first = self.state()["consumed"] == 0
             batch = super().__next__()
-            self.served += 1
-            return batch if self.served == 1 else dict(batch, inputs_embeds=np.full_like(batch["inputs_embeds"], np.nan))
+            return batch if first else dict(batch, inputs_embeds=np.full_like(batch["inputs_embeds"], np.nan))
 
     m = config.model
     later = NanAfterTheFirstBatch(random_windows(96, m.emb_dim, m.num_pc), config.train.batch_size, seed=config.train.seed)
@@ -143,6 +141,22 @@ def test_data_that_does_not_fit_the_model_is_refused(tmp_path):
     config.model.emb_dim = 65
     with pytest.raises(ValueError, match=r"inputs_embeds must be \[batch, genes, 65\] for this model \(emb_dim 65\), got \[16, 30, 33\]"):
         train.train_and_evaluate(config, tmp_path, train_data=readers(tiny_config())[0])
+
+
+@pytest.mark.parametrize("wrong_split", ["train", "eval"])
+def test_cli_refuses_windows_of_another_width_before_writing_the_workdir(tmp_path, capsys, wrong_split):
+    """A width mismatch in either split is one line naming the file, and no workdir is left
+    (before, the train split was checked after glm_config.json was written, the eval split never)."""
+    config = tiny_config()
+    for split, seed in (("train", 0), ("eval", 1)):
+        emb_dim = config.model.emb_dim + (7 if split == wrong_split else 0)
+        np.savez(tmp_path / f"{split}.npz", **random_windows(64, emb_dim, config.model.num_pc, seed))
+    workdir = tmp_path / "run"
+    line = fails(capsys, "train", "--config", "configs/tiny.py", "--workdir", workdir,
+                 f"--config.data.train_pattern={tmp_path / 'train.npz'}",
+                 f"--config.data.eval_pattern={tmp_path / 'eval.npz'}")
+    assert f"first {wrong_split} batch of {tmp_path / (wrong_split + '.npz')}" in line and "emb_dim 33" in line
+    assert not workdir.exists()
 
 
 def test_cli_trains_from_npz_logs_eval_and_leaves_a_loadable_model(tmp_path):

@@ -297,6 +297,14 @@ def evaluate(eval_fn, params, eval_data, start_position: dict, num_batches: int,
     return summarize_eval(jax.device_get(sums))
 
 
+def check_first_batch(reader, model_config: GLMConfig, batch_size: int, source: str) -> None:
+    """Reads and validates the reader's next batch, then rewinds it: data that does not fit the
+    model is refused before anything is written to the workdir."""
+    position = reader.state()
+    validate_batch(next(reader), model_config, source=source, batch_size=batch_size, require_labels=True)
+    reader.restore(position)
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optional[Iterator] = None,
                        eval_data: Optional[Iterator] = None,
                        devices: Optional[list[jax.Device]] = None, progress: Optional[bool] = None) -> TrainResult:
@@ -323,6 +331,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optio
                                  config.data.shuffle_buffer or None)
     if eval_data is None and config.data.eval_pattern:
         eval_data = open_reader(config.data.eval_pattern, "eval", batch_per_host, t.seed, False)
+    for reader, split in ((train_data, "train"), (eval_data, "eval")):
+        if reader is not None:
+            check_first_batch(reader, model_config, batch_per_host,
+                              f"first {split} batch of {getattr(config.data, split + '_pattern') or 'the reader'}")
     train_checkpoint.write_run_config(workdir, model_config, config)
     checkpointer = train_checkpoint.TrainCheckpointer(workdir, t.keep_checkpoints)
     eval_start = eval_data.state() if eval_data is not None else None
@@ -354,8 +366,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optio
         base_rng, eval_rng = jax.device_put((base_rng, eval_rng), rep)
 
         host_batch = next(train_data)
-        validate_batch(host_batch, model_config, source=f"first training batch of {config.data.train_pattern or 'the reader'}",
-                       batch_size=batch_per_host, require_labels=True)
         compile_start = time.perf_counter()
         compiled_step = step_fn.lower(state, device_batch(host_batch, batch_sharding), base_rng).compile()
         genes = host_batch["inputs_embeds"].shape[1]
