@@ -7,6 +7,7 @@ never results beyond float32 summation order.
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 from platform import libc_ver
 
@@ -66,3 +67,38 @@ def restart_with_huge_pages() -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     except OSError:
         pass  # keep running with the default allocator
+
+
+# XLA compilations are written to a persistent cache, so a rerun of a command (a resumed training
+# run, the next genome through `infer` or `embed-proteins`) loads its executables instead of
+# compiling them again: gLM-base's CPU train step 6.4 s -> 1.5 s; 600 proteins through
+# `embed-proteins` (ESM2-8M, 38 length-bucket programs of 0.2-1 s each) 41.6 s -> 33.8 s. JAX keys
+# each entry by the program, the compile options, the backend and its own version.
+COMPILATION_CACHE_SWITCH = "GLM_JAX_COMPILATION_CACHE"  # a folder, or "0" for no cache
+COMPILATION_CACHE_MAX_BYTES = 2 << 30                    # least recently used entries go first
+COMPILATION_CACHE_MIN_SECONDS = 0.2                      # JAX's default (1 s) skips every ESM2 bucket
+
+
+def default_compilation_cache_dir() -> pathlib.Path:
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "glm-jax" / "xla-compilation-cache"
+
+
+def enable_compilation_cache() -> pathlib.Path | None:
+    """Turns on JAX's persistent compilation cache in $GLM_JAX_COMPILATION_CACHE (default
+    `default_compilation_cache_dir()`) for a program that has not imported jax yet (the `glm-jax`
+    command), through the environment JAX reads at import. Returns the folder, or None when
+    switched off ("0"), when JAX_COMPILATION_CACHE_DIR is already set (it wins), or when the folder
+    cannot be created (then commands run as before, compiling every time)."""
+    setting = os.environ.get(COMPILATION_CACHE_SWITCH, "")
+    if setting == "0" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    folder = pathlib.Path(setting) if setting else default_compilation_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(COMPILATION_CACHE_MAX_BYTES))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(COMPILATION_CACHE_MIN_SECONDS))
+    return folder

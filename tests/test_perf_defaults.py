@@ -46,3 +46,52 @@ def test_restart_puts_large_buffers_on_huge_pages():
 def test_switch_keeps_the_process_as_started():
     tunables, huge_kb = _probe(**{perf_defaults.HUGE_PAGES_SWITCH: "0"})
     assert tunables == "None" and huge_kb < 32 << 10
+
+
+CACHE_PROBE = """
+import logging
+from glm_jax.perf_defaults import enable_compilation_cache
+print(enable_compilation_cache())
+import jax, jax.numpy as jnp, numpy as np
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger("jax._src.compiler").setLevel(logging.DEBUG)
+x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8)
+print(np.abs(np.asarray(jax.jit(lambda a: jnp.tanh(a @ a.T))(x)) - np.tanh(x @ x.T)).max())
+"""
+
+
+def _cache_probe(tmp_path, **env_changes):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update({"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+                **env_changes})
+    done = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, capture_output=True, text=True, check=True)
+    folder, max_error = done.stdout.split()
+    return folder, float(max_error), "Persistent compilation cache hit" in done.stderr
+
+
+def test_compilation_cache_is_written_then_read_and_gives_the_same_results(tmp_path):
+    """The first process compiles and writes the cache (under XDG_CACHE_HOME); the second loads the
+    executable instead of compiling, and it still computes tanh(x x^T) as numpy does."""
+    first = _cache_probe(tmp_path)
+    assert first[0] == str(tmp_path / "xdg" / "glm-jax" / "xla-compilation-cache") and not first[2]
+    assert list(pathlib.Path(first[0]).iterdir())
+    second = _cache_probe(tmp_path)
+    assert second[2] and second[1] == first[1] and first[1] < 1e-5
+
+
+def test_compilation_cache_switches(tmp_path):
+    assert _cache_probe(tmp_path, **{perf_defaults.COMPILATION_CACHE_SWITCH: "0"})[0] == "None"
+    assert not (tmp_path / "xdg").exists()
+    chosen = tmp_path / "mine"
+    assert _cache_probe(tmp_path, **{perf_defaults.COMPILATION_CACHE_SWITCH: str(chosen)})[0] == str(chosen)
+    assert _cache_probe(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax"))[0] == "None"
+    unwritable = tmp_path / "file"
+    unwritable.write_text("")
+    assert _cache_probe(tmp_path, **{perf_defaults.COMPILATION_CACHE_SWITCH: str(unwritable / "sub")})[0] == "None"
+
+
+def test_the_glm_jax_program_turns_the_cache_on(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "GLM_JAX_COMP"))}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    subprocess.run([sys.executable, "-m", "glm_jax.cli", "--help"], env=env, capture_output=True, check=True)
+    assert (tmp_path / "glm-jax" / "xla-compilation-cache").is_dir()

@@ -74,8 +74,9 @@ def _one_line(error: BaseException, limit: int = 400) -> str:
 
 def main(argv=None) -> int:
     if argv is None:  # started as a program (not called from Python): allocator set-up first
-        from glm_jax.perf_defaults import restart_with_huge_pages
+        from glm_jax.perf_defaults import enable_compilation_cache, restart_with_huge_pages
         restart_with_huge_pages()
+        enable_compilation_cache()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("GLM_JAX_DEBUG", "") not in ("", "0")
     while argv and argv[0] == "--debug":
