@@ -9,7 +9,7 @@ GENES = 30  # genes per window, as the original's 30-gene windows
 MIN_GENES = 15  # windows hold 15-30 real genes, padded to 30
 MODEL_CONFIGS = {
     "tiny": GLMConfig(emb_dim=65, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
-                      max_position_embeddings=64, num_pc=20),
+                      max_position_embeddings=64, num_pc=20, scan_layers=False),  # the quickstart's stack
     "base": GLMConfig(),  # gLM-base: 1281-d inputs, 1280 hidden, 19 layers, 10 heads, 100-d labels
 }
 

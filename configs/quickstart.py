@@ -2,7 +2,7 @@
 
 Features are the real ESM2-8M embeddings (320-d + orientation = emb_dim 321) that
 `launch/quickstart.sh` computes with `glm-jax make-shards`; labels are the whitened 99-PC
-projection + orientation (num_pc 100), as in the paper. About 5 minutes of training on 2 cores.
+projection + orientation (num_pc 100), as in the paper. About a minute of training on 2 cores.
 """
 from glm_jax.config import default_config
 
@@ -15,6 +15,9 @@ def get_config():
     config.model.num_heads = 4
     config.model.intermediate_size = 512
     config.model.max_position_embeddings = 64
+    # 4 layers unrolled: the step is 9-17% faster than under lax.scan on CPU (fp32 / bf16, batch 32,
+    # interleaved), and compiles in seconds either way
+    config.model.scan_layers = False
     config.optimizer.learning_rate = 1e-3      # a small model on little data: 10x the paper's
     config.optimizer.warmup_steps = 50
     config.train.batch_size = 32
