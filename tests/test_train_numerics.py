@@ -136,3 +136,19 @@ def test_bfloat16_train_step_runs_every_dense_matmul_in_bfloat16():
     dense = [dot for dot in _dots(jaxpr.jaxpr) if {aval.shape for aval in dot} & kernel_shapes]
     assert len(dense) >= 3 * len(kernel_shapes), "forward + two backward dots per dense layer"
     assert all(lhs.dtype == rhs.dtype == jnp.bfloat16 for lhs, rhs, _ in dense), dense
+
+
+def test_bfloat16_layers_on_cpu_update_no_stacked_buffers():
+    """XLA:CPU turns every bf16 dynamic-update-slice inside a loop (a scan's stacked residuals and
+    weight gradients) into a convert of the whole stacked buffer to f32 and back, once per layer:
+    27% of gLM-base's bf16 step. So bf16 layers run unrolled on CPU even with scan_layers=True,
+    and the compiled gradient has no dynamic-update-slice at all (the scan has dozens)."""
+    config = repo_config("tiny")
+    model_config = config_from_dict_like(config.model).replace(compute_dtype="bfloat16", scan_layers=True)
+    params = nnx.to_pure_dict(nnx.state(create_model(model_config), nnx.Param))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(model_config)))
+    batch = {k: jnp.asarray(v) for k, v in random_windows(4, model_config.emb_dim, model_config.num_pc).items()}
+    masked = batch["attention_mask"].astype(bool)
+    obj = trainer.ObjectiveConfig.from_config(config.objective)
+    grad = jax.jit(jax.grad(lambda p: trainer.loss_fn(p, graphdef, batch, masked, jax.random.key(0), obj)[0]))
+    assert "dynamic-update-slice(" not in grad.lower(params).compile().as_text()

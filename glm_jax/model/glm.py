@@ -11,8 +11,8 @@ Computes the same function as the original PyTorch gLM (an HF `RobertaModel` cal
     predictions = Dense(x) -> [..., num_pred, num_pc];  logits = Dense(x) -> [..., num_pred]
 
 Layer parameters are stacked along a leading "layers" axis, so the same parameters run under
-`lax.scan` (fast compilation at depth) or a Python loop (`scan_layers=False`); checkpoints do
-not depend on that choice. Every parameter carries `logical_axes` metadata for `sharding.py`.
+`lax.scan` (fast compilation at depth) or a Python loop (`scan_layers=False`, and bf16 compute
+on CPU, `scans_layers`); checkpoints do not depend on that choice. Every parameter carries `logical_axes` metadata for `sharding.py`.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from glm_jax import kernels, sharding
 from glm_jax.errors import ConfigError, InputError
 from glm_jax.model.attention import attention
 from glm_jax.model.dropout import dropout
+from glm_jax.perf_defaults import platform_default
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 POSITION_EMBEDDING_TYPES = ("relative_key_query", "relative_key", "none")
@@ -330,10 +331,11 @@ class EncoderStack(nnx.Module):
                                          return_probs=collect_attentions)
             return new_x, (new_x if collect_hidden else None, probs if collect_attentions else None)
 
+        scan = scans_layers(config)
         policy = REMAT_POLICIES[config.remat_policy]
         if config.remat_policy != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=not config.scan_layers)
-        if config.scan_layers:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
+        if scan:
             x, (hidden, attentions) = jax.lax.scan(body, x, (params, layer_rngs))
             return x, hidden, attentions
         per_layer = []
@@ -347,6 +349,13 @@ class EncoderStack(nnx.Module):
         hidden, attentions = (None if per_layer[0][j] is None else jnp.stack([o[j] for o in per_layer])
                               for j in range(2))
         return x, hidden, attentions
+
+
+def scans_layers(config: GLMConfig) -> bool:
+    """Whether the layer stack runs under `lax.scan`: `config.scan_layers`, except for bf16 compute
+    on a platform whose `scan_low_precision_layers` default is False (CPU: see perf_defaults)."""
+    return config.scan_layers and (config.compute_dtype == "float32"
+                                   or platform_default("scan_low_precision_layers"))
 
 
 class GLM(nnx.Module):
