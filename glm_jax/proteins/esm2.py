@@ -164,8 +164,10 @@ def _layer_norm(x, p, eps):
 
 
 def _dense(x, p, dtype):
-    """x [..., in] @ kernel [in, out] + bias in `dtype`."""
-    return x.astype(dtype) @ p["kernel"].astype(dtype) + p["bias"].astype(dtype)
+    """x [..., in] @ kernel [in, out] + bias in `dtype`; the products accumulate in float32, the
+    only bf16 matmul XLA:CPU runs natively (a bf16 -> bf16 dot is upcast to float32 operands)."""
+    product = jnp.matmul(x.astype(dtype), p["kernel"].astype(dtype), preferred_element_type=jnp.float32)
+    return (product + p["bias"].astype(jnp.float32)).astype(dtype)
 
 
 def _gelu(x):
