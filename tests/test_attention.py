@@ -211,6 +211,23 @@ def test_blockwise_tiles_with_internal_padding_and_clipping(block_size):
     assert_gradients_close(grads, reference_gradients(2, genes, 40, block_size, (genes, 37), clip=True)[0])
 
 
+def test_blockwise_bfloat16_blocks_are_stacked_in_place():
+    """XLA:CPU rewrites a bf16 dynamic-update-slice inside a loop into a convert of the whole stacked
+    buffer per block (quadratic in blocks); blockwise stacks its bf16 context and dq blocks as uint16
+    bits, so every update in the compiled forward + backward writes into its buffer in place."""
+    q, k, v = (jnp.asarray(np.random.default_rng(i).normal(size=(1, 512, 2, 16)), jnp.bfloat16) for i in range(3))
+    table = jnp.asarray(np.random.default_rng(3).normal(size=(1023, 16)), jnp.bfloat16)
+
+    def loss(q, k, v, table):
+        context, _ = blockwise.attention(q, k, v, table, jnp.ones((1, 512), jnp.int32), max_positions=512,
+                                         clip_distances=False, relative="relative_key_query", block_size=128)
+        return context.astype(jnp.float32).sum()
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(q, k, v, table).compile().as_text()
+    updates = [line for line in hlo.split("\n") if "dynamic-update-slice(" in line]
+    assert len(updates) >= 2 and not [line for line in updates if "dynamic-update-slice(%convert" in line]
+
+
 def test_blockwise_dropout_drops_normalised_probabilities():
     """context = (softmax(scores) * keep / (1 - rate)) @ v with the blocks' keep mask, and its gradients
     are those of that dense function (so dropout is recomputed identically in the backward pass)."""

@@ -230,8 +230,18 @@ def _query_blocks(x, tile: _Tiling):
     return jnp.moveaxis(x.reshape(*x.shape[:2], tile.query_blocks, tile.block, *x.shape[3:]), 2, 0)
 
 
-def _unblock(x):
-    """[query blocks, B, H, block, ...] -> [B, H, queries, ...]."""
+def _as_block_output(x):
+    """A query block's result as the scan stacks it: 16-bit floats as their uint16 bits. XLA:CPU
+    rewrites a bf16 dynamic-update-slice inside a loop into a convert of the whole stacked buffer
+    to f32 and back, once per block (traffic quadratic in the number of blocks); integers it
+    updates in place. `_unblock` turns the bits back."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if jnp.dtype(x.dtype).itemsize == 2 else x
+
+
+def _unblock(x, dtype=None):
+    """[query blocks, B, H, block, ...] -> [B, H, queries, ...] (uint16 bits -> `dtype`)."""
+    if x.dtype == jnp.uint16:
+        x = jax.lax.bitcast_convert_type(x, dtype)
     x = jnp.moveaxis(x, 0, 2)
     return x.reshape(*x.shape[:2], x.shape[2] * x.shape[3], *x.shape[4:])
 
@@ -252,11 +262,11 @@ def _forward(q, k, v, distance_table, bias, rng, static: _Static):
             p = p * _keep_scale(rng, i, p.shape, static.dropout_rate)
         weighted = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         context = (weighted / normaliser[..., None]).astype(q.dtype)
-        return None, (context, row_max[..., 0] + jnp.log(normaliser))
+        return None, (_as_block_output(context), row_max[..., 0] + jnp.log(normaliser))
 
     _, (context, lse) = jax.lax.scan(
         query_block, None, (jnp.arange(static.tiling.query_blocks), _query_blocks(q, static.tiling)))
-    return _unblock(context), _unblock(lse)
+    return _unblock(context, q.dtype), _unblock(lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -305,7 +315,7 @@ def _flash_bwd(static: _Static, residuals, d_context):
         if dk_chunks_part is not None:
             dk_chunks += dk_chunks_part
         d_rows = jax.lax.dynamic_update_slice_in_dim(d_rows, _window(d_rows, first, static) + d_window, first, 0)
-        return (dk_t + dk_t_part, dk_chunks, dv_t, d_rows), dq_i.astype(q.dtype)
+        return (dk_t + dk_t_part, dk_chunks, dv_t, d_rows), _as_block_output(dq_i.astype(q.dtype))
 
     transposed_keys = jnp.zeros((*k.shape[:2], k.shape[3], k.shape[2]), jnp.float32)  # [B, H, d, keys]
     init = (transposed_keys, jnp.zeros((tile.key_chunks, chunks_flat_t.shape[-1], k.shape[-1]), jnp.float32),
@@ -317,7 +327,7 @@ def _flash_bwd(static: _Static, residuals, d_context):
     dk = jnp.swapaxes(dk_t, -1, -2) + dk_chunks.reshape(k.shape)
     (d_table,) = rows_vjp(d_rows.astype(rows.dtype))
     rng_cotangent = np.zeros(np.shape(rng), jax.dtypes.float0)
-    return (_unblock(dq), dk.astype(k.dtype), jnp.swapaxes(dv_t, -1, -2).astype(v.dtype),
+    return (_unblock(dq, q.dtype), dk.astype(k.dtype), jnp.swapaxes(dv_t, -1, -2).astype(v.dtype),
             d_table.astype(distance_table.dtype), jnp.zeros_like(bias), rng_cotangent)
 
 
