@@ -221,5 +221,5 @@ def test_long_windows_padded_to_a_block_multiple(shared_data, tmp_path):
 
 
 def test_pad_to_multiple_must_be_positive():
-    with pytest.raises(ValueError, match="pad-to-multiple"):
+    with pytest.raises(ValueError, match="pad_to_multiple must be >= 1, got 0"):
         pipeline.padded_genes(30, 0)

@@ -39,7 +39,7 @@ class EmbeddingLookup(Protocol):
 def padded_genes(window_size: int, multiple: int) -> int:
     """Gene positions per stored window: `window_size` rounded up to a multiple of `multiple`."""
     if multiple < 1:
-        raise ValueError(f"--pad-to-multiple must be >= 1, got {multiple}")
+        raise ValueError(f"pad_to_multiple must be >= 1, got {multiple}")
     return -(-window_size // multiple) * multiple
 
 
