@@ -118,18 +118,24 @@ def _dots(jaxpr) -> list[tuple]:
     return found
 
 
-def test_bfloat16_train_step_runs_every_dense_matmul_in_bfloat16():
-    """Forward and backward of every dense layer (a dot with a kernel-shaped operand or output)
-    take bf16 operands: plain autodiff would hand the backward dots a float32 cotangent, and
-    XLA:CPU runs those (and any bf16 -> bf16 dot) at the float32 rate."""
+def bfloat16_loss():
+    """(params, loss(params, dropout_rng)) of the tiny config (scan_layers=True) in bf16 on 4 windows."""
     config = repo_config("tiny")
-    model_config = config_from_dict_like(config.model).replace(compute_dtype="bfloat16")
+    model_config = config_from_dict_like(config.model).replace(compute_dtype="bfloat16", scan_layers=True)
     params = nnx.to_pure_dict(nnx.state(create_model(model_config), nnx.Param))
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(model_config)))
     batch = {k: jnp.asarray(v) for k, v in random_windows(4, model_config.emb_dim, model_config.num_pc).items()}
     masked = batch["attention_mask"].astype(bool)
     obj = trainer.ObjectiveConfig.from_config(config.objective)
-    jaxpr = jax.make_jaxpr(jax.grad(lambda p: trainer.loss_fn(p, graphdef, batch, masked, None, obj)[0]))(params)
+    return params, lambda p, rng: trainer.loss_fn(p, graphdef, batch, masked, rng, obj)[0]
+
+
+def test_bfloat16_train_step_runs_every_dense_matmul_in_bfloat16():
+    """Forward and backward of every dense layer (a dot with a kernel-shaped operand or output)
+    take bf16 operands: plain autodiff would hand the backward dots a float32 cotangent, and
+    XLA:CPU runs those (and any bf16 -> bf16 dot) at the float32 rate."""
+    params, loss = bfloat16_loss()
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss(p, None)))(params)
 
     kernel_shapes = ({np.shape(v)[1:] for k, v in params["encoder"].items() if k.endswith("_kernel")}
                      | {np.shape(v) for k, v in params.items() if k.endswith("_kernel")})
@@ -143,12 +149,6 @@ def test_bfloat16_layers_on_cpu_update_no_stacked_buffers():
     weight gradients) into a convert of the whole stacked buffer to f32 and back, once per layer:
     27% of gLM-base's bf16 step. So bf16 layers run unrolled on CPU even with scan_layers=True,
     and the compiled gradient has no dynamic-update-slice at all (the scan has dozens)."""
-    config = repo_config("tiny")
-    model_config = config_from_dict_like(config.model).replace(compute_dtype="bfloat16", scan_layers=True)
-    params = nnx.to_pure_dict(nnx.state(create_model(model_config), nnx.Param))
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(model_config)))
-    batch = {k: jnp.asarray(v) for k, v in random_windows(4, model_config.emb_dim, model_config.num_pc).items()}
-    masked = batch["attention_mask"].astype(bool)
-    obj = trainer.ObjectiveConfig.from_config(config.objective)
-    grad = jax.jit(jax.grad(lambda p: trainer.loss_fn(p, graphdef, batch, masked, jax.random.key(0), obj)[0]))
+    params, loss = bfloat16_loss()
+    grad = jax.jit(jax.grad(lambda p: loss(p, jax.random.key(0))))
     assert "dynamic-update-slice(" not in grad.lower(params).compile().as_text()

@@ -11,8 +11,9 @@ Computes the same function as the original PyTorch gLM (an HF `RobertaModel` cal
     predictions = Dense(x) -> [..., num_pred, num_pc];  logits = Dense(x) -> [..., num_pred]
 
 Layer parameters are stacked along a leading "layers" axis, so the same parameters run under
-`lax.scan` (fast compilation at depth) or a Python loop (`scan_layers=False`, and bf16 compute
-on CPU, `scans_layers`); checkpoints do not depend on that choice. Every parameter carries `logical_axes` metadata for `sharding.py`.
+`lax.scan` (fast compilation at depth) or a Python loop (`scan_layers=False`; bf16 compute on
+CPU always, see `scans_layers`); checkpoints do not depend on that choice. Every parameter
+carries `logical_axes` metadata for `sharding.py`.
 """
 from __future__ import annotations
 
@@ -319,9 +320,9 @@ class EncoderStack(nnx.Module):
         params = self.arrays()
         dtype = DTYPES[config.compute_dtype]
         if dtype != jnp.float32:
-            # Matmul operands are cast once for the whole stack, not per layer inside the scan: the
-            # scan then slices bf16 arrays and its backward reuses them instead of saving a cast
-            # copy of every layer's weights (on CPU those copies cost a quarter of a bf16 step).
+            # Matmul operands are cast once for the whole stack, not per layer: a scan then slices
+            # bf16 arrays and its backward reuses them instead of saving a cast copy of every
+            # layer's weights as a residual.
             params = {name: value.astype(dtype) if _enters_matmuls(name) else value for name, value in params.items()}
         layer_rngs = jax.random.split(rng, config.num_layers) if rng is not None else None
 
