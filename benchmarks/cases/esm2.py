@@ -198,6 +198,7 @@ def run_stage(args, recorder, proteins: list[str], dtypes: list[str]) -> None:
         if not name.startswith("esm2-8M"):
             model.save_pretrained(model_dir)  # random weights: the directory embed_proteins reads
         lengths = [len(esm2.tokenize(p[:args.max_residues])) for p in proteins]
+        residues = sum(min(len(p), args.max_residues) for p in proteins)
         plan = embed.plan_batches(lengths, args.max_tokens, args.max_residues + 2)
         for dtype in dtypes:
             start = time.perf_counter()
@@ -207,7 +208,7 @@ def run_stage(args, recorder, proteins: list[str], dtypes: list[str]) -> None:
             seconds = time.perf_counter() - start
             assert store.last_run.embedded == len(proteins)
             recorder.record(case=CASE, config=name, impl="jax", dtype=dtype, batch=None,
-                            shapes={"length": "stage", "proteins": len(proteins), "residues": sum(min(len(p), args.max_residues) for p in proteins),
+                            shapes={"length": "stage", "proteins": len(proteins), "residues": residues,
                                     "batches": len(plan), "batch_shapes": len({(r, n) for _, r, n in plan})},
                             median_s=seconds, min_s=seconds, max_s=seconds, repeats=1,
                             items_per_s=len(proteins) / seconds, items_unit="proteins/s",

@@ -330,7 +330,7 @@ class Esm2Embedder:
         import jax
 
         rows = len(tokens)
-        spare = -rows % self.num_devices
+        spare = self._device_rows(rows) - rows
         if spare:
             tokens = np.concatenate([tokens, np.full((spare, tokens.shape[1]), esm2.PAD_ID, tokens.dtype)])
         executable = self._compilation(*tokens.shape).result()
@@ -343,7 +343,11 @@ class Esm2Embedder:
         main job's 34 shapes (~13 s of compilation) cost ~2 s less. A shape never queued compiles
         on first use."""
         for rows, length in shapes:
-            self._compilation(rows + -rows % self.num_devices, length)
+            self._compilation(self._device_rows(rows), length)
+
+    def _device_rows(self, rows: int) -> int:
+        """Rows a batch of `rows` runs with: padded to a multiple of the devices."""
+        return rows + -rows % self.num_devices
 
     def cancel_compilations(self) -> None:
         """Drop queued compilations (one already running finishes in its thread). Later calls queue
