@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.recorder import DEFAULT_RESULTS, Recorder  # noqa: E402
+from glm_jax.errors import InputError  # noqa: E402
 
 CASES = {  # name -> (module, what it measures)
     "train_step": ("benchmarks.cases.train_step", "optimizer step, JAX vs PyTorch reference gLM (contigs/s, MFU)"),
@@ -78,6 +79,9 @@ def run_case(name: str, argv: list[str]) -> int:
     recorder = Recorder(args.output, command=[name, *argv])
     try:
         module.run(args, recorder)
+    except InputError as error:  # bad user data (a --fasta, --genomes file): say so, record nothing more
+        print(f"run.py {name}: error: {error}", file=sys.stderr)
+        return 2
     except Exception as error:  # keep what the case recorded so far, and say what broke
         traceback.print_exc()
         recorder.record(case=name, config="-", impl="-", status="failed",

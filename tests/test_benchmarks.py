@@ -236,6 +236,18 @@ def test_harness_reports_missing_and_crashing_cases(tmp_path, monkeypatch, capsy
     assert kept["status"] == "ok" and failed["status"] == "failed" and "out of memory" in failed["reason"]
 
 
+def test_a_malformed_protein_fasta_is_one_line_and_no_record(tmp_path, capsys):
+    """Bad user data is not a crash: one line naming the file and record, exit 2, no traceback,
+    no results file (it used to print a traceback and append a 'failed' record)."""
+    fasta = tmp_path / "bad.fa"
+    fasta.write_text(">ok\nMKTAYIAK\n>broken\nMKJ1A\n")
+    output = tmp_path / "out.jsonl"
+    assert run.main(["esm2", "--stage", "--quick", "--fasta", str(fasta), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "run.py esm2: error:" in err and "bad.fa: record 'broken'" in err and not output.exists()
+
+
 @pytest.mark.parametrize("case", ["train_step", "forward"])
 def test_an_unknown_config_is_a_usage_error_before_anything_runs(case, tmp_path, capsys):
     """One argparse line naming the bad name and the choices; no record written (it used to be a
