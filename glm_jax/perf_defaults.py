@@ -17,6 +17,12 @@ PLATFORM_DEFAULTS = {
     # the earlier online softmax over 64-key blocks; 128 is as fast at 384 tokens but 3x slower at
     # 1536, 16-32 are 1.2-1.5x slower (interleaved, one process, 2 threads).
     "esm2_query_block": {"cpu": 64, "default": 512},
+    # ESM2 attention in 16-bit compute (float32 always uses query blocks; `esm2.default_attention`).
+    # GPU: jax.nn.dot_product_attention, i.e. cuDNN's fused flash attention on NVIDIA, chosen without
+    # a measurement here (no GPU was lent yet): `benchmarks/run.py esm2 --attention
+    # query_blocks,dot_product --dtypes bfloat16` compares the two. CPU: query blocks, whole ESM2-8M
+    # 1.8x (32 x 384 tokens) and 2.5x (8 x 1,536) faster than with XLA's dot_product_attention in bf16.
+    "esm2_attention": {"gpu": "dot_product", "default": "query_blocks"},
     # gLM blockwise attention: queries per block (each block's scores against all keys are one
     # [batch, heads, block, genes] array) and keys per chunk of its k.D term (flops (block + chunk)
     # / block times q.k's). CPU: blocks of 256 vs 128, forward+backward 1.07x at 512 genes (batch 16),

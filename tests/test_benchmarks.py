@@ -279,7 +279,8 @@ def test_without_a_pytorch_reference_jax_is_still_measured(tmp_path, monkeypatch
 def quick_results(tmp_path_factory):
     """Every registered case at toy size into one results file -> its records."""
     output = tmp_path_factory.mktemp("bench") / "results.jsonl"
-    narrower = {"attention": ["--dtypes", "float32"]}  # one dtype is enough to check the plumbing
+    narrower = {"attention": ["--dtypes", "float32"],  # one dtype is enough to check the plumbing
+                "esm2": ["--attention", "query_blocks,dot_product"]}
     codes = {name: run.main([name, "--quick", "--output", str(output), *narrower.get(name, [])])
              for name in run.CASES}
     return codes, read_jsonl(output)
@@ -307,10 +308,12 @@ def test_case_runs_end_to_end(case, quick_results):
     if case == "forward":
         assert next(r for r in mine if r["impl"] == "jax")["extra"]["max_abs_diff_vs_torch"] < 1e-4
     if case == "esm2":
-        jax_rows = [r for r in mine if r["impl"] == "jax" and r["shapes"]["length"] != "all"]
-        assert jax_rows and all(r["extra"]["max_abs_diff_pooled_vs_torch"] < 1e-4 for r in jax_rows)
-        total = next(r for r in mine if r["impl"] == "jax" and r["shapes"]["length"] == "all")
-        assert total["shapes"]["proteins"] == 6 and total["shapes"]["batch_shapes"] == len(jax_rows)
+        for attention in ("query_blocks", "dot_product"):  # each timed as its own side against EsmModel
+            jax_rows = [r for r in mine if r["impl"] == f"jax-{attention}" and r["shapes"]["length"] != "all"]
+            assert jax_rows and all(r["extra"]["max_abs_diff_pooled_vs_torch"] < 1e-4 for r in jax_rows)
+            assert {r["extra"]["attention"] for r in jax_rows} == {attention}
+            total = next(r for r in mine if r["impl"] == f"jax-{attention}" and r["shapes"]["length"] == "all")
+            assert total["shapes"]["proteins"] == 6 and total["shapes"]["batch_shapes"] == len(jax_rows)
     if case == "input_pipeline":
         assert {r["impl"] for r in mine} == {"InMemoryWindows", "ShardWriter", "ShardReader"}
         for r in mine:  # readers against the train step of the same results file (tiny, quick)
@@ -337,5 +340,6 @@ def test_esm2_stage_times_a_cold_embed_proteins_run(tmp_path, monkeypatch):
     (record,) = read_jsonl(output)
     assert runs and runs[0][0].embedded == runs[0][1] == record["shapes"]["proteins"] == 6
     assert record["shapes"]["length"] == "stage" and record["impl"] == "jax" and record["repeats"] == 1
+    assert record["extra"]["attention"] == "query_blocks"  # CPU float32's default
     assert record["median_s"] >= runs[0][0].seconds > 0 and record["baseline"] is None
     assert record["extra"]["padded_tokens"] >= record["extra"]["tokens"] > record["shapes"]["residues"]

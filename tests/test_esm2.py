@@ -3,12 +3,14 @@ import copy
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
 from glm_jax.data import fasta
+from glm_jax.errors import ConfigError
 from glm_jax.proteins import esm2
 from glm_jax.proteins import embed as protein_embed
 
@@ -80,8 +82,9 @@ def test_named_configs():
         esm2.Esm2Config.from_hf(_hf_config(position_embedding_type="absolute"))
 
 
-@pytest.mark.parametrize("num_layers,hidden,heads,prefix", [(2, 32, 4, ""), (3, 48, 3, "esm.")])
-def test_tiny_parity_with_padding_and_masks(num_layers, hidden, heads, prefix):
+@pytest.mark.parametrize("num_layers,hidden,heads,prefix,attention", [
+    (2, 32, 4, "", "query_blocks"), (3, 48, 3, "esm.", "query_blocks"), (3, 48, 3, "", "dot_product")])
+def test_tiny_parity_with_padding_and_masks(num_layers, hidden, heads, prefix, attention):
     model = _random_hf_model(_hf_config(num_layers, hidden, heads))
     config = esm2.Esm2Config.from_hf(model.config)
     params = esm2.params_from_state_dict(_state(model, prefix), config)  # EsmModel or EsmFor* keys
@@ -90,12 +93,12 @@ def test_tiny_parity_with_padding_and_masks(num_layers, hidden, heads, prefix):
     tokens = esm2.pad_batch(rows)
     ref = _hf_representations(model, tokens)
 
-    ours = esm2.hidden_states(params, tokens, config)
+    ours = esm2.hidden_states(params, tokens, config, attention=attention)
     assert ours.shape == (num_layers + 1, *tokens.shape, hidden)
     assert _max_diff_real(ours, ref, tokens) <= 1e-4
-    pooled = esm2.mean_embeddings(params, tokens, config)
+    pooled = esm2.mean_embeddings(params, tokens, config, attention=attention)
     np.testing.assert_allclose(pooled, _residue_mean(ref[-1], tokens), atol=1e-4, rtol=0)
-    middle = esm2.mean_embeddings(params, tokens, config, layer=1)  # runs only layer 1
+    middle = esm2.mean_embeddings(params, tokens, config, layer=1, attention=attention)  # runs only layer 1
     np.testing.assert_allclose(middle, _residue_mean(ref[1], tokens), atol=1e-4, rtol=0)
 
 
@@ -109,6 +112,67 @@ def test_output_independent_of_padding_and_query_blocks():
     np.testing.assert_allclose(padded[:, :, : len(row)], alone, atol=1e-5, rtol=0)
     blocked = esm2.hidden_states(params, esm2.pad_batch([row], length=64), config, query_block=24)
     np.testing.assert_allclose(blocked, padded, atol=1e-5, rtol=0)
+    dot_product = esm2.hidden_states(params, esm2.pad_batch([row], length=64), config, attention="dot_product")
+    np.testing.assert_allclose(dot_product[:, :, : len(row)], alone, atol=1e-5, rtol=0)
+    # an all-padding row (as batches are filled up) gives zeros, not NaN, with either attention
+    empty = esm2.pad_batch([row], length=32, rows=2)
+    for attention in esm2.ATTENTION:
+        pooled = np.asarray(esm2.mean_embeddings(params, empty, config, attention=attention))
+        assert np.isfinite(pooled).all() and not pooled[1].any(), attention
+
+
+def _tiny_qkv(dtype, tokens=40, lengths=(40, 23)):
+    """Random qkv [2, tokens, 3, 4, 16], rotary tables and key padding for `esm2.ATTENTION`."""
+    rng = np.random.default_rng(3)
+    qkv = jnp.asarray(rng.normal(size=(2, tokens, 3, 4, 16)), dtype)
+    rotary = esm2._rotary_tables(jnp.asarray(esm2.default_inv_freq(16)), tokens)
+    return qkv, rotary, jnp.arange(tokens)[None, :] < jnp.asarray(lengths)[:, None]
+
+
+def test_dot_product_attention_asks_for_cudnn_on_gpus_and_falls_back_to_query_blocks(monkeypatch, caplog):
+    """On a GPU backend, 16-bit ESM2 attention is cuDNN's (`implementation="cudnn"`) by default;
+    float32 keeps query blocks; where cuDNN refuses, the layer's result is the query blocks' one.
+    (No GPU here: the backend is faked and cuDNN's call is replaced by XLA's or by a refusal.)"""
+    real = jax.nn.dot_product_attention
+    asked = []
+
+    def fake_cudnn(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
+    assert (esm2.default_attention("bfloat16"), esm2.default_attention("float32")) == ("dot_product", "query_blocks")
+    qkv, rotary, key_valid = _tiny_qkv(jnp.bfloat16)
+
+    def attend(implementation, qkv):  # traced afresh each call, so under the current fakes
+        return jax.jit(lambda qkv: implementation(qkv, rotary, key_valid, 16))(qkv)
+
+    expected = np.asarray(attend(esm2._attend_query_blocks, qkv), np.float32)
+    ours = np.asarray(attend(esm2._attend_dot_product, qkv), np.float32)
+    assert asked == ["cudnn"]
+    np.testing.assert_allclose(ours[0], expected[0], atol=2e-2)  # bf16 inputs, different summation order
+    np.testing.assert_allclose(ours[1, :23], expected[1, :23], atol=2e-2)
+    attend(esm2._attend_dot_product, qkv.astype(jnp.float32))
+    assert asked == ["cudnn", "xla"]
+
+    def refusing(*args, implementation=None, **kwargs):
+        if implementation == "cudnn":
+            raise NotImplementedError("head_dim 16 is not supported")
+        return real(*args, implementation=implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
+    with caplog.at_level("WARNING", logger=esm2.__name__):
+        fallback = np.asarray(attend(esm2._attend_dot_product, qkv), np.float32)
+    np.testing.assert_array_equal(fallback, expected)
+    assert "cuDNN attention refused" in caplog.text and "head_dim 16" in caplog.text
+
+
+def test_unknown_attention_is_a_config_error():
+    config = esm2.Esm2Config(num_layers=1, hidden_size=32, num_heads=4, intermediate_size=64)
+    with pytest.raises(ConfigError, match="ESM2 attention must be one of .'dot_product', 'query_blocks'., got 'flash'"):
+        esm2.mean_embeddings(esm2.init_params(config), esm2.pad_batch([esm2.tokenize("MKV")]), config,
+                             attention="flash")
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +230,9 @@ def test_real_esm2_8m_parity_fp32(real_models, real_batches):
     for tokens, ref32, _ in real_batches[:2]:  # the pooling on 40 proteins (the 1075-token batch is slow on CPU)
         np.testing.assert_allclose(esm2.mean_embeddings(params, tokens, config), _residue_mean(ref32[-1], tokens),
                                    atol=1e-4, rtol=0)
+    tokens, ref32, ref64 = real_batches[0]  # jax.nn.dot_product_attention (XLA here, cuDNN's layout and masking)
+    ours = _layer_errors(esm2.hidden_states(params, tokens, config, attention="dot_product"), ref64, tokens)
+    assert (ours <= ERROR_MULTIPLE * _layer_errors(ref32, ref64, tokens) + ERROR_FLOOR).all(), ours
 
 
 def test_real_esm2_8m_bfloat16_tolerance(real_models, real_batches):
@@ -173,12 +240,12 @@ def test_real_esm2_8m_bfloat16_tolerance(real_models, real_batches):
     proteins: every layer within 3.0% of its largest |value|, pooled embeddings within 2.6e-2
     (values up to ~5), cosine similarity >= 0.99994. Tested with margin."""
     config, params, _ = real_models
-    for tokens, ref, _ in real_batches[:2]:
-        ours = np.asarray(esm2.hidden_states(params, tokens, config, compute_dtype="bfloat16"))
+    for (tokens, ref, _), attention in zip(real_batches[:2], ("query_blocks", "dot_product")):
+        ours = np.asarray(esm2.hidden_states(params, tokens, config, compute_dtype="bfloat16", attention=attention))
         real = tokens != esm2.PAD_ID
         for layer in range(config.num_layers + 1):
             assert np.abs(ours[layer] - ref[layer])[real].max() <= 0.05 * np.abs(ref[layer][real]).max()
-        pooled = np.asarray(esm2.mean_embeddings(params, tokens, config, compute_dtype="bfloat16"))
+        pooled = np.asarray(esm2.mean_embeddings(params, tokens, config, compute_dtype="bfloat16", attention=attention))
         expected = _residue_mean(ref[-1], tokens)
         np.testing.assert_allclose(pooled, expected, atol=5e-2, rtol=0)
         cosine = (pooled * expected).sum(1) / np.linalg.norm(pooled, axis=1) / np.linalg.norm(expected, axis=1)

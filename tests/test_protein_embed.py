@@ -76,6 +76,9 @@ def test_rows_split_over_eight_devices_give_one_device_embeddings(tiny_esm2_dir,
     np.testing.assert_allclose(eight(tokens), one(tokens), rtol=0, atol=1e-6)
     config, params = esm2.load_esm2(tiny_esm2_dir)
     np.testing.assert_allclose(one(tokens), esm2.mean_embeddings(params, tokens, config), rtol=0, atol=1e-6)
+    dot_product = pe.Esm2Embedder.load(tiny_esm2_dir, attention="dot_product")
+    assert (one.attention, dot_product.attention) == ("query_blocks", "dot_product")
+    np.testing.assert_allclose(dot_product(tokens), one(tokens), rtol=0, atol=1e-5)
 
 
 def test_each_planned_shape_compiles_once_on_the_background_thread(tiny_esm2_dir, tmp_path, proteins, monkeypatch):
@@ -236,7 +239,7 @@ def test_resume_after_sigkill_embeds_each_protein_once(tiny_esm2_dir, tmp_path, 
     np.testing.assert_allclose(store.get(queries), uninterrupted.get(queries), atol=2e-3, rtol=0)
 
 
-def test_embed_proteins_cli(tiny_esm2_dir, tmp_path, capsys):
+def test_embed_proteins_cli(tiny_esm2_dir, tmp_path, capsys, monkeypatch):
     fasta = tmp_path / "p.fa"
     fasta.write_text(">a\nMKTAYIAK\n>b\nMKTAYIAK*\n>c\nMSTNPKPQRKTKRNTNRRPQDVKFPGG\n")
     argv = [str(fasta), "--store", str(tmp_path / "s"), "--model", str(tiny_esm2_dir), "--quiet"]
@@ -246,6 +249,14 @@ def test_embed_proteins_cli(tiny_esm2_dir, tmp_path, capsys):
     assert "2 already stored, 0 newly embedded" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())["model"]
     assert (manifest["layer"], manifest["dim"], manifest["compute_dtype"]) == (2, 32, "float32")
+    loaded = []
+    load = pe.Esm2Embedder.load.__func__
+    monkeypatch.setattr(pe.Esm2Embedder, "load", classmethod(
+        lambda cls, *args, **kwargs: loaded.append(kwargs["attention"]) or load(cls, *args, **kwargs)))
+    assert cli.main(["embed-proteins", *argv[:2], str(tmp_path / "dot"), *argv[3:], "--attention", "dot_product"]) == 0
+    assert loaded == ["dot_product"]
+    np.testing.assert_allclose(pe.EmbeddingStore(tmp_path / "dot").get(["MKTAYIAK"]),
+                               pe.EmbeddingStore(tmp_path / "s").get(["MKTAYIAK"]), rtol=0, atol=2e-3)
 
     fasta.write_text("MKV\n")
     assert cli.main(["embed-proteins"] + argv) == 2
@@ -253,3 +264,20 @@ def test_embed_proteins_cli(tiny_esm2_dir, tmp_path, capsys):
     fasta.write_text(">a\nMKV\n")
     assert cli.main(["embed-proteins", str(fasta), "--store", str(tmp_path / "t"), "--model", str(tmp_path / "none")]) == 2
     assert "run `glm-jax fetch-esm2`" in capsys.readouterr().err
+
+
+def test_make_shards_passes_its_esm2_attention_option(tmp_path, monkeypatch, capsys):
+    """`make-shards --esm2-attention NAME` reaches the ESM2 embedder (stopped before any work)."""
+    from glm_jax.data import make_shards
+    from glm_jax.errors import InputError
+
+    asked = []
+
+    def stop(*args, **kwargs):
+        asked.append(kwargs["attention"])
+        raise InputError("stopped here")
+
+    monkeypatch.setattr(make_shards, "esm2_embedder", stop)
+    for option in ([], ["--esm2-attention", "dot_product"]):
+        assert cli.main(["make-shards", str(tmp_path / "g.gb"), "--out", str(tmp_path / "d"), *option]) == 2
+    assert asked == [None, "dot_product"] and "stopped here" in capsys.readouterr().err

@@ -38,6 +38,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=12_290, help="token budget per batch (the original's)")
     parser.add_argument("--max-residues", type=int, default=12_288, help="longer proteins are truncated")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attention", default=None,
+                        help="comma-separated ESM2 attentions to time (query_blocks, dot_product); default: the "
+                             "platform's for each dtype (glm_jax.proteins.esm2.default_attention)")
     parser.add_argument("--stage", action="store_true",
                         help="time embed_proteins end to end (cold, fresh store) instead of batches against EsmModel")
 
@@ -142,9 +145,10 @@ def run(args, recorder) -> None:
     for dtype in dtypes:
         autocast = None if dtype == "float32" else paired.autocast_dtype(device)  # bf16 JAX vs autocast PyTorch
         torch_dtype = f"{autocast}-autocast" if autocast else "float32"
-        sides = {"jax": embed.Esm2Embedder(config, params, compute_dtype=dtype),
-                 "torch_eager": torch_embedder(model, device, autocast)}
-        dtype_of = {"jax": dtype, "torch_eager": torch_dtype}
+        embedders = jax_embedders(args, lambda attention: embed.Esm2Embedder(config, params, compute_dtype=dtype,
+                                                                            attention=attention))
+        sides = {**embedders, "torch_eager": torch_embedder(model, device, autocast)}
+        dtype_of = {impl: dtype for impl in embedders} | {"torch_eager": torch_dtype}
         per_shape = {impl: {} for impl in sides}
         outputs = {}
         for shape, (batch, indices) in sorted(shapes.items(), key=lambda item: item[0][1]):
@@ -154,18 +158,19 @@ def run(args, recorder) -> None:
                 per_shape[impl][shape] = timing
                 out = fn(batch)
                 outputs[impl] = (out.cpu().numpy() if hasattr(out, "cpu") else np.asarray(out))[: len(indices)]
-            max_diff = float(np.abs(outputs["jax"] - outputs["torch_eager"]).max())
             for impl in sides:
                 timing = per_shape[impl][shape]
-                ratio = per_shape["torch_eager"][shape]["median_s"] / timing["median_s"] if impl == "jax" else None
+                ours = impl in embedders
+                ratio = per_shape["torch_eager"][shape]["median_s"] / timing["median_s"] if ours else None
                 recorder.record(case=CASE, config=name, impl=impl, dtype=dtype_of[impl], batch=shape[0],
                                 shapes={"length": shape[1], "proteins": len(indices), "residues": residues},
                                 **timing, items_per_s=len(indices) / timing["median_s"], items_unit="proteins/s",
-                                baseline=f"torch_eager {torch_dtype}" if impl == "jax" else None,
+                                baseline=f"torch_eager {torch_dtype}" if ours else None,
                                 ratio_vs_baseline=ratio,
                                 extra={"residues_per_s": residues / timing["median_s"],
                                        "torch_attention": model.config._attn_implementation,
-                                       **({"max_abs_diff_pooled_vs_torch": max_diff} if impl == "jax" else {})})
+                                       **(jax_extra(embedders[impl], outputs[impl] - outputs["torch_eager"])
+                                          if ours else {})})
         totals = {impl: {key: sum(per_shape[impl][batch.shape][key] for batch, _ in batches)
                          for key in ("median_s", "min_s", "max_s")} for impl in sides}
         for impl, total in totals.items():
@@ -175,13 +180,24 @@ def run(args, recorder) -> None:
                             **total, repeats=args.repeats,
                             compile_s=sum(per_shape[impl][shape]["compile_s"] for shape in shapes),
                             items_per_s=len(proteins) / total["median_s"], items_unit="proteins/s",
-                            baseline=f"torch_eager {torch_dtype}" if impl == "jax" else None,
+                            baseline=f"torch_eager {torch_dtype}" if impl in embedders else None,
                             ratio_vs_baseline=totals["torch_eager"]["median_s"] / total["median_s"]
-                            if impl == "jax" else None,
+                            if impl in embedders else None,
                             extra={"residues_per_s": residues_total / total["median_s"],
+                                   **({"attention": embedders[impl].attention} if impl in embedders else {}),
                                    "timing": "sum over the sample's batches of their shape's median",
                                    "lengths_min_median_max": [int(f(np.array([len(p) for p in proteins])))
                                                               for f in (np.min, np.median, np.max)]})
+
+
+def jax_embedders(args, make) -> dict:
+    """{impl: make(attention)} for each --attention (impl "jax"; "jax-NAME" when several are timed)."""
+    attentions = args.attention.split(",") if args.attention else [None]
+    return {"jax" if len(attentions) == 1 else f"jax-{name}": make(name) for name in attentions}
+
+
+def jax_extra(embedder, difference) -> dict:
+    return {"attention": embedder.attention, "max_abs_diff_pooled_vs_torch": float(abs(difference).max())}
 
 
 def run_stage(args, recorder, proteins: list[str], dtypes: list[str]) -> None:
@@ -200,18 +216,21 @@ def run_stage(args, recorder, proteins: list[str], dtypes: list[str]) -> None:
         lengths = [len(esm2.tokenize(p[:args.max_residues])) for p in proteins]
         residues = sum(min(len(p), args.max_residues) for p in proteins)
         plan = embed.plan_batches(lengths, args.max_tokens, args.max_residues + 2)
-        for dtype in dtypes:
+        runs = [(dtype, impl, attention) for dtype in dtypes
+                for impl, attention in jax_embedders(args, lambda attention: attention).items()]
+        for dtype, impl, attention in runs:
             start = time.perf_counter()
-            store = embed.embed_proteins(proteins, pathlib.Path(tmp) / f"store-{dtype}", model_dir,
+            store = embed.embed_proteins(proteins, pathlib.Path(tmp) / f"store-{dtype}-{impl}", model_dir,
                                          max_tokens=args.max_tokens, max_residues=args.max_residues,
-                                         compute_dtype=dtype, progress=False)
+                                         compute_dtype=dtype, progress=False, attention=attention)
             seconds = time.perf_counter() - start
             assert store.last_run.embedded == len(proteins)
-            recorder.record(case=CASE, config=name, impl="jax", dtype=dtype, batch=None,
+            recorder.record(case=CASE, config=name, impl=impl, dtype=dtype, batch=None,
                             shapes={"length": "stage", "proteins": len(proteins), "residues": residues,
                                     "batches": len(plan), "batch_shapes": len({(r, n) for _, r, n in plan})},
                             median_s=seconds, min_s=seconds, max_s=seconds, repeats=1,
                             items_per_s=len(proteins) / seconds, items_unit="proteins/s",
                             extra={"timing": "one cold embed_proteins run: model load, tokenisation, compilation "
                                              "of every batch shape, store writes",
+                                   "attention": attention or esm2.default_attention(dtype),
                                    "padded_tokens": sum(r * n for _, r, n in plan), "tokens": sum(lengths)})

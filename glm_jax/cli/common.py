@@ -39,6 +39,15 @@ def add_attention_arguments(parser: argparse.ArgumentParser, flag: str, default:
                              "distance table's end rows (Shaw et al. 2018), so contigs of any length run")
 
 
+def add_esm2_attention_argument(parser: argparse.ArgumentParser, flag: str) -> None:
+    """How ESM2 attends (glm_jax.proteins.esm2.ATTENTION); the default depends on platform and dtype."""
+    from glm_jax.proteins import esm2
+    parser.add_argument(flag, dest=flag.lstrip("-").replace("-", "_"), choices=sorted(esm2.ATTENTION), default=None,
+                        help="ESM2 attention: query_blocks (the default on CPU and in float32) or dot_product "
+                             "(jax.nn.dot_product_attention: cuDNN's fused kernel, the default for 16-bit "
+                             "compute on NVIDIA GPUs)")
+
+
 def add_progress_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress output (default: a bar on a terminal, else a line every 30 s)")

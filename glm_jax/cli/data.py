@@ -18,6 +18,7 @@ def make_shards_main(argv: list[str]) -> int:
     p.add_argument("--layer", type=int, help="ESM2 layer to mean-pool (default: the last)")
     p.add_argument("--max-tokens", type=common.positive_int, default=12290, help="token budget per ESM2 batch")
     p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
+    common.add_esm2_attention_argument(p, "--esm2-attention")
     p.add_argument("--normalization", help="npz with mean/std (+ PCA); default: fit on this corpus")
     p.add_argument("--pca", help="sklearn-style PCA npz (mean_, components_, explained_variance_), e.g. reference pca.npz")
     p.add_argument("--num-components", type=common.positive_int, default=99, help="PCA components when fitting")
@@ -44,7 +45,7 @@ def make_shards_main(argv: list[str]) -> int:
         source = str(args.normalization) + (f" + {args.pca}" if args.pca else "")
     embed, esm_info = make_shards.esm2_embedder(args.esm2, args.store or out_dir / "embeddings", layer=args.layer,
                                                 max_tokens=args.max_tokens, compute_dtype=args.compute_dtype,
-                                                progress=not args.no_progress)
+                                                attention=args.esm2_attention, progress=not args.no_progress)
     info = make_shards.make_shards(
         args.genomes, out_dir, embed, transform=transform, transform_source=source,
         window=WindowConfig(args.window, args.min_genes, args.stride), eval_fraction=args.eval_fraction,

@@ -27,6 +27,7 @@ def embed_proteins_main(argv: list[str]) -> int:
     parser.add_argument("--max-tokens", type=common.positive_int, default=12_290, help="padded tokens per batch")
     parser.add_argument("--max-residues", type=common.positive_int, default=12_288, help="truncate longer proteins")
     parser.add_argument("--dtype", choices=list(esm2.COMPUTE_DTYPES), default="float32")
+    common.add_esm2_attention_argument(parser, "--attention")
     common.add_unknown_residue_argument(parser)
     parser.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
@@ -34,7 +35,7 @@ def embed_proteins_main(argv: list[str]) -> int:
     records = fasta.read_fasta(args.fasta, unknown=common.unknown_residues(args))
     store = embed.embed_proteins([record.sequence for record in records], args.store, args.model, layer=args.layer,
                                  max_tokens=args.max_tokens, max_residues=args.max_residues,
-                                 compute_dtype=args.dtype, progress=not args.quiet)
+                                 compute_dtype=args.dtype, progress=not args.quiet, attention=args.attention)
     s = store.last_run
     print(f"{s.proteins} proteins, {s.unique} unique, {s.already_stored} already stored, {s.embedded} newly embedded "
           f"({s.truncated} truncated to {args.max_residues} residues) in {s.seconds:.1f} s -> {args.store} "

