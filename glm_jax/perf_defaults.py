@@ -111,6 +111,10 @@ def enable_compilation_cache() -> pathlib.Path | None:
     except OSError:
         return None
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(COMPILATION_CACHE_MAX_BYTES))
+    try:  # jax keeps the cache under a size cap only with filelock; without it a cap disables the cache
+        import filelock  # noqa: F401
+        os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(COMPILATION_CACHE_MAX_BYTES))
+    except ImportError:
+        pass
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(COMPILATION_CACHE_MIN_SECONDS))
     return folder

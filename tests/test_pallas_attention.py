@@ -195,6 +195,13 @@ def test_sharded_batch_and_heads_run_per_device():
     _assert_close(got, _value_and_grads(expected, q, k, v, table, cotangent))
 
 
+def _abstract_gpu():
+    """jax 0.11 (the GPU machine's) has Pallas's Triton lowering ask which GPU it targets; without
+    one, an abstract H100 names it (jax 0.10 asks nothing and accepts the same context)."""
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("devices",), abstract_device=device))
+
+
 def test_kernels_lower_to_triton():
     """Lowers forward + backward for CUDA without a GPU: every kernel must pass Pallas's Triton
     lowering (2-D dots, power-of-two shapes, supported primitives). Compiling and running on a GPU
@@ -209,10 +216,11 @@ def test_kernels_lower_to_triton():
                                      dropout_rng=jax.random.PRNGKey(0), interpret=False)[0]
         return out.astype(jnp.float32).sum()
 
-    exported = export.export(
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*shapes, table, key_mask)
+    with _abstract_gpu():
+        exported = export.export(
+            jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=["cuda"],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*shapes, table, key_mask)
     names = ("glm_flash_forward", "glm_flash_dq", "glm_flash_dkdv", "glm_flash_dwindow")
     text = exported.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == 4

@@ -49,7 +49,9 @@ def test_switch_keeps_the_process_as_started():
 
 
 CACHE_PROBE = """
-import logging
+import logging, os, sys
+if os.environ.get("HIDE_FILELOCK"):
+    sys.modules["filelock"] = None  # as if not installed
 from glm_jax.perf_defaults import enable_compilation_cache
 print(enable_compilation_cache())
 import jax, jax.numpy as jnp, numpy as np
@@ -77,6 +79,14 @@ def test_compilation_cache_is_written_then_read_and_gives_the_same_results(tmp_p
     assert list(pathlib.Path(first[0]).iterdir())
     second = _cache_probe(tmp_path)
     assert second[2] and second[1] == first[1] and first[1] < 1e-5
+
+
+def test_compilation_cache_works_without_filelock(tmp_path):
+    """jax refuses a cache size cap without the filelock package and then caches nothing (seen on
+    jax 0.11.2 in an environment without transformers/torch): no cap there, but a working cache."""
+    first = _cache_probe(tmp_path, HIDE_FILELOCK="1")
+    assert list(pathlib.Path(first[0]).iterdir()) and not first[2]
+    assert _cache_probe(tmp_path, HIDE_FILELOCK="1")[2]
 
 
 def test_compilation_cache_switches(tmp_path):
