@@ -237,8 +237,9 @@ def test_real_esm2_8m_parity_fp32(real_models, real_batches):
 
 def test_real_esm2_8m_bfloat16_tolerance(real_models, real_batches):
     """bf16 matmuls (fp32 residual stream, LayerNorm, softmax) vs fp32 PyTorch, measured on these
-    proteins: every layer within 3.0% of its largest |value|, pooled embeddings within 2.6e-2
-    (values up to ~5), cosine similarity >= 0.99994. Tested with margin."""
+    proteins (both attentions, both batches, jax 0.10.2 and 0.11.2): every layer within 3.0% of its
+    largest |value|, pooled embeddings within 2.7e-2 (values up to ~5), cosine similarity
+    >= 0.99989 (1 - cosine varies ~2x between jax versions and attentions). Tested with ~2x margin."""
     config, params, _ = real_models
     for (tokens, ref, _), attention in zip(real_batches[:2], ("query_blocks", "dot_product")):
         ours = np.asarray(esm2.hidden_states(params, tokens, config, compute_dtype="bfloat16", attention=attention))
@@ -249,7 +250,7 @@ def test_real_esm2_8m_bfloat16_tolerance(real_models, real_batches):
         expected = _residue_mean(ref[-1], tokens)
         np.testing.assert_allclose(pooled, expected, atol=5e-2, rtol=0)
         cosine = (pooled * expected).sum(1) / np.linalg.norm(pooled, axis=1) / np.linalg.norm(expected, axis=1)
-        assert cosine.min() >= 0.9999
+        assert cosine.min() >= 0.9998
 
 
 def test_loading_paths_agree(tiny_esm2_dir, tmp_path):
