@@ -343,3 +343,28 @@ def test_esm2_stage_times_a_cold_embed_proteins_run(tmp_path, monkeypatch):
     assert record["extra"]["attention"] == "query_blocks"  # CPU float32's default
     assert record["median_s"] >= runs[0][0].seconds > 0 and record["baseline"] is None
     assert record["extra"]["padded_tokens"] >= record["extra"]["tokens"] > record["shapes"]["residues"]
+
+
+def test_gpu_session_steps_are_valid_commands(tmp_path):
+    """Every step benchmarks/gpu_session.sh would run parses as the harness (or pytest) reads it and
+    names files that exist: an option typo found on a lent GPU costs part of its 30 minutes."""
+    import os
+    import shlex
+    import subprocess
+
+    from glm_jax.proteins import esm2
+
+    done = subprocess.run(["bash", "benchmarks/gpu_session.sh", str(tmp_path), "all"], cwd=REPO_ROOT, check=True,
+                          env={**os.environ, "GLM_JAX_GPU_SESSION_DRY": "1"}, capture_output=True, text=True)
+    steps = [shlex.split(line) for line in done.stdout.splitlines()]
+    benchmarks = [step[2:] for step in steps if step[1] == "benchmarks/run.py"]
+    assert sorted(case for case, *_ in benchmarks) == sorted(run.CASES)
+    for case, *options in benchmarks:
+        args = run.case_parser(case, run.load_case(case)).parse_args(options)
+        assert args.output == tmp_path / "results.jsonl"
+        if case == "esm2":
+            assert args.fasta.is_file() and set(args.attention.split(",")) == set(esm2.ATTENTION)
+    (pytest_step,) = [step for step in steps if step[1:3] == ["-m", "pytest"]]
+    assert (REPO_ROOT / pytest_step[-1]).is_file()
+    assert subprocess.run(["bash", "benchmarks/gpu_session.sh", str(tmp_path), "everything"], cwd=REPO_ROOT,
+                          capture_output=True, text=True).returncode == 2
