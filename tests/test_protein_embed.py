@@ -81,6 +81,29 @@ def test_rows_split_over_eight_devices_give_one_device_embeddings(tiny_esm2_dir,
     np.testing.assert_allclose(dot_product(tokens), one(tokens), rtol=0, atol=1e-5)
 
 
+def test_attention_that_does_not_compile_falls_back_to_query_blocks(tiny_esm2_dir, proteins, monkeypatch, caplog):
+    """A cuDNN refusal that only shows when XLA compiles (past esm2's trace-time fallback) must not
+    stop an embedding run: that shape compiles with query blocks, with a warning."""
+    real = esm2.mean_embeddings
+
+    class RefusingDotProduct:  # mean_embeddings whose dot_product programs fail to compile
+        def __call__(self, *args, **kwargs):
+            return real(*args, **kwargs)
+
+        def lower(self, *args, attention, **kwargs):
+            if attention == "dot_product":
+                raise RuntimeError("cuDNN does not support this sequence length")
+            return real.lower(*args, attention=attention, **kwargs)
+
+    monkeypatch.setattr(esm2, "mean_embeddings", RefusingDotProduct())
+    tokens = esm2.pad_batch([esm2.tokenize(pe.normalise_sequence(s)) for s in proteins[:3]])
+    with caplog.at_level("WARNING", logger=pe.__name__):
+        embeddings = pe.Esm2Embedder.load(tiny_esm2_dir, attention="dot_product")(tokens)
+    config, params = esm2.load_esm2(tiny_esm2_dir)
+    np.testing.assert_allclose(embeddings, real(params, tokens, config, attention="query_blocks"), rtol=0, atol=1e-6)
+    assert "dot_product attention did not compile" in caplog.text and "sequence length" in caplog.text
+
+
 def test_each_planned_shape_compiles_once_on_the_background_thread(tiny_esm2_dir, tmp_path, proteins, monkeypatch):
     """embed_proteins queues every batch shape of its plan before the first batch runs; a shape
     compiled in the main thread (no overlap with the batches) or twice would fail this."""

@@ -375,8 +375,19 @@ class Esm2Embedder:
         import jax
 
         tokens = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self.row_sharding)
-        return esm2.mean_embeddings.lower(self.params, tokens, self.config, self.layer, self.compute_dtype,
-                                          attention=self.attention).compile()
+
+        def compile_with(attention: str):
+            return esm2.mean_embeddings.lower(self.params, tokens, self.config, self.layer, self.compute_dtype,
+                                              attention=attention).compile()
+
+        if self.attention == "query_blocks":
+            return compile_with("query_blocks")
+        try:  # cuDNN may refuse a shape only when XLA compiles its call, past esm2's own fallback
+            return compile_with(self.attention)
+        except (RuntimeError, NotImplementedError, ValueError) as refusal:
+            logging.getLogger(__name__).warning("ESM2 %s attention did not compile for %d x %d tokens (%s); "
+                                                "using query_blocks", self.attention, rows, length, refusal)
+            return compile_with("query_blocks")
 
 
 def embed_proteins(sequences: Iterable[str], store_dir: str | pathlib.Path, model_dir: str | pathlib.Path | None, *,
