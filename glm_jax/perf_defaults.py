@@ -1,7 +1,8 @@
 """Performance defaults that depend on the platform, in one place.
 
 Each entry was chosen by a measurement on that platform (see README "Performance defaults");
-a platform without a measurement keeps the value the code had before. Values change speed only,
+a platform without a measurement keeps the value the code had before, except where the entry's
+comment says why not (`esm2_attention` on GPUs: cuDNN's fused kernel, not yet measured here). Values change speed only,
 never results beyond float32 summation order.
 """
 from __future__ import annotations
