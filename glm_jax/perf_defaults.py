@@ -2,8 +2,8 @@
 
 Each entry was chosen by a measurement on that platform (see README "Performance defaults");
 a platform without a measurement keeps the value the code had before, except where the entry's
-comment says why not (`esm2_attention` on GPUs: cuDNN's fused kernel, not yet measured here). Values change speed only,
-never results beyond float32 summation order.
+comment says why not (`esm2_attention` on GPUs: cuDNN's fused kernel, not yet measured here).
+Values change speed only, never results beyond float32 summation order.
 """
 from __future__ import annotations
 
