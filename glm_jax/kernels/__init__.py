@@ -43,6 +43,12 @@ class AttentionConfigError(ValueError):
     """An attention implementation asked to do what it cannot (unknown name, dropout, length)."""
 
 
+def dot_product_implementation(dtype) -> str:
+    """`implementation=` of `jax.nn.dot_product_attention` for inputs of `dtype`: cuDNN's fused
+    kernel on NVIDIA GPUs for bfloat16/float16 (the only dtypes it takes), XLA's elsewhere."""
+    return "cudnn" if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+
+
 def check_name(name: str) -> str:
     if name not in IMPLEMENTATIONS:
         raise AttentionConfigError(f"unknown attention implementation {name!r}; "

@@ -12,17 +12,11 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 
 from glm_jax import kernels
 
 RETURNS_PROBS = False
 SUPPORTS_DROPOUT = False
-CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-
-
-def _implementation(dtype) -> str:
-    return "cudnn" if jax.default_backend() == "gpu" and dtype in CUDNN_DTYPES else "xla"
 
 
 def attention(q, k, v, distance_table, key_mask, *, max_positions: int, clip_distances: bool, relative: str,
@@ -37,8 +31,7 @@ def attention(q, k, v, distance_table, key_mask, *, max_positions: int, clip_dis
                 / math.sqrt(q.shape[-1])).astype(q.dtype)
     mask = key_mask.astype(bool)[:, None, None, :]
     call = dict(bias=bias, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
-    implementation = _implementation(q.dtype)
-    if implementation == "cudnn":
+    if kernels.dot_product_implementation(q.dtype) == "cudnn":
         try:
             return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **call), None
         except (ValueError, NotImplementedError, RuntimeError):

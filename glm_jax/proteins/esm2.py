@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm_jax import kernels
 from glm_jax.errors import ConfigError, InputError
 from glm_jax.interop.state_dict import StateDictError, read_state_dict, tensor_shape
 from glm_jax.perf_defaults import platform_default
@@ -240,9 +241,6 @@ def _attend_query_blocks(qkv, rotary, key_valid, query_block: int):
     return _blocked_attention(q, k, v, key_valid, query_block).swapaxes(1, 2)
 
 
-CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-
-
 def _attend_dot_product(qkv, rotary, key_valid, query_block: int):
     """`jax.nn.dot_product_attention` in its [batch, tokens, heads, head_dim] layout, with the key
     padding as per-row lengths (padding follows a row's tokens, as `pad_batch` makes it): cuDNN's
@@ -253,7 +251,7 @@ def _attend_dot_product(qkv, rotary, key_valid, query_block: int):
     q, k = _rotate_qk(q, k, *(table[:, None] for table in rotary))
     # at least 1: an all-padding row attends to its first token instead of an empty softmax (NaN)
     call = dict(scale=1.0, key_value_seq_lengths=jnp.maximum(key_valid.sum(-1), 1).astype(jnp.int32))
-    if jax.default_backend() == "gpu" and q.dtype in CUDNN_DTYPES:
+    if kernels.dot_product_implementation(q.dtype) == "cudnn":
         try:
             return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **call)
         except (NotImplementedError, ValueError, RuntimeError) as refusal:
