@@ -248,15 +248,23 @@ def test_a_malformed_protein_fasta_is_one_line_and_no_record(tmp_path, capsys):
     assert "run.py esm2: error:" in err and "bad.fa: record 'broken'" in err and not output.exists()
 
 
-@pytest.mark.parametrize("case", ["train_step", "forward"])
-def test_an_unknown_config_is_a_usage_error_before_anything_runs(case, tmp_path, capsys):
+UNKNOWN_CONFIG = "unknown config ['nope']; choose from ['base', 'tiny']"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train_step", "--configs", "base,nope"], UNKNOWN_CONFIG),
+    (["forward", "--configs", "base,nope"], UNKNOWN_CONFIG),
+    (["esm2", "--attention", "dot_product,flash"], "unknown ESM2 attention ['flash']; choose from ['dot_product', "
+                                                   "'query_blocks']"),
+])
+def test_an_unknown_name_is_a_usage_error_before_anything_runs(argv, expected, tmp_path, capsys):
     """One argparse line naming the bad name and the choices; no record written (it used to be a
-    KeyError traceback from inside the case)."""
+    KeyError or ConfigError traceback from inside the case, and a 'failed' record)."""
     output = tmp_path / "out.jsonl"
     with pytest.raises(SystemExit) as exit_:
-        run.main([case, "--configs", "base,nope", "--output", str(output)])
+        run.main([*argv, "--output", str(output)])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "unknown config ['nope']; choose from ['base', 'tiny']" in err
+    assert exit_.value.code == 2 and expected in err
     assert "Traceback" not in err and not output.exists()
 
 
@@ -365,7 +373,7 @@ def test_gpu_session_steps_are_valid_commands(tmp_path):
         assert args.output == tmp_path / "results.jsonl"
         if case == "esm2":
             assert args.fasta.is_file()
-            attentions.update(args.attention.split(","))
+            attentions.update(args.attention)
     assert attentions == set(esm2.ATTENTION)
     (pytest_step,) = [step for step in steps if step[1:3] == ["-m", "pytest"]]
     assert (REPO_ROOT / pytest_step[-1]).is_file()

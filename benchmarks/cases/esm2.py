@@ -38,11 +38,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=12_290, help="token budget per batch (the original's)")
     parser.add_argument("--max-residues", type=int, default=12_288, help="longer proteins are truncated")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attention", default=None,
+    parser.add_argument("--attention", type=attention_names, default=[None],
                         help="comma-separated ESM2 attentions to time (query_blocks, dot_product); default: the "
                              "platform's for each dtype (glm_jax.proteins.esm2.default_attention)")
     parser.add_argument("--stage", action="store_true",
                         help="time embed_proteins end to end (cold, fresh store) instead of batches against EsmModel")
+
+
+def attention_names(text: str) -> list[str]:
+    """--attention: names of `esm2.ATTENTION` (argparse reports any other as a usage error)."""
+    import argparse
+
+    from glm_jax.proteins import esm2
+
+    names = text.split(",")
+    unknown = [name for name in names if name not in esm2.ATTENTION]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown ESM2 attention {unknown}; choose from {sorted(esm2.ATTENTION)}")
+    return names
 
 
 def sample_proteins(args) -> list[str]:
@@ -145,8 +158,8 @@ def run(args, recorder) -> None:
     for dtype in dtypes:
         autocast = None if dtype == "float32" else paired.autocast_dtype(device)  # bf16 JAX vs autocast PyTorch
         torch_dtype = f"{autocast}-autocast" if autocast else "float32"
-        embedders = jax_embedders(args, lambda attention: embed.Esm2Embedder(config, params, compute_dtype=dtype,
-                                                                            attention=attention))
+        embedders = {impl: embed.Esm2Embedder(config, params, compute_dtype=dtype, attention=attention)
+                     for impl, attention in jax_sides(args).items()}
         sides = {**embedders, "torch_eager": torch_embedder(model, device, autocast)}
         dtype_of = {impl: dtype for impl in embedders} | {"torch_eager": torch_dtype}
         per_shape = {impl: {} for impl in sides}
@@ -190,10 +203,9 @@ def run(args, recorder) -> None:
                                                               for f in (np.min, np.median, np.max)]})
 
 
-def jax_embedders(args, make) -> dict:
-    """{impl: make(attention)} for each --attention (impl "jax"; "jax-NAME" when several are timed)."""
-    attentions = args.attention.split(",") if args.attention else [None]
-    return {"jax" if len(attentions) == 1 else f"jax-{name}": make(name) for name in attentions}
+def jax_sides(args) -> dict:
+    """{impl: attention} for each --attention (impl "jax"; "jax-NAME" when several are timed)."""
+    return {"jax" if len(args.attention) == 1 else f"jax-{name}": name for name in args.attention}
 
 
 def jax_extra(embedder, difference) -> dict:
@@ -216,8 +228,7 @@ def run_stage(args, recorder, proteins: list[str], dtypes: list[str]) -> None:
         lengths = [len(esm2.tokenize(p[:args.max_residues])) for p in proteins]
         residues = sum(min(len(p), args.max_residues) for p in proteins)
         plan = embed.plan_batches(lengths, args.max_tokens, args.max_residues + 2)
-        runs = [(dtype, impl, attention) for dtype in dtypes
-                for impl, attention in jax_embedders(args, lambda attention: attention).items()]
+        runs = [(dtype, impl, attention) for dtype in dtypes for impl, attention in jax_sides(args).items()]
         for dtype, impl, attention in runs:
             start = time.perf_counter()
             store = embed.embed_proteins(proteins, pathlib.Path(tmp) / f"store-{dtype}-{impl}", model_dir,
