@@ -95,18 +95,24 @@ class Plan:
     jax_dtypes: list[str]  # float32, plus bfloat16 on accelerators and on CPUs with a native bf16 matmul
 
 
+def comma_separated(choices, what: str) -> Callable[[str], list[str]]:
+    """An argparse `type`: comma-separated names, each one of `choices`; any other is a usage error
+    ("unknown WHAT [...]; choose from [...]") before the case runs."""
+    def names(text: str) -> list[str]:
+        listed = text.split(",")
+        unknown = [name for name in listed if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; choose from {sorted(choices)}")
+        return listed
+
+    return names
+
+
 def add_plan_arguments(parser, default_batch: str, batch_help: str) -> None:
     """The options `plan` reads, shared by the paired cases."""
     from benchmarks import synthetic
 
-    def config_names(text: str) -> list[str]:
-        names = text.split(",")
-        unknown = [name for name in names if name not in synthetic.MODEL_CONFIGS]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"unknown config {unknown}; choose from {sorted(synthetic.MODEL_CONFIGS)}")
-        return names
-
-    parser.add_argument("--configs", type=config_names, default="tiny,base",
+    parser.add_argument("--configs", type=comma_separated(synthetic.MODEL_CONFIGS, "config"), default="tiny,base",
                         help=f"comma-separated, of {sorted(synthetic.MODEL_CONFIGS)}")
     parser.add_argument("--batch", default=default_batch, help=batch_help)
     parser.add_argument("--baselines", default="eager,compile",

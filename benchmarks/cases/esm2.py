@@ -29,6 +29,8 @@ QUICK_MODEL = dict(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=
 
 
 def add_arguments(parser) -> None:
+    from glm_jax.proteins import esm2
+
     parser.add_argument("--size", default="8M", help="ESM2 size: 8M (real weights) or 35M/150M/650M/... (random)")
     parser.add_argument("--dtypes", default=None, help="comma-separated; default float32 (+ bfloat16 on GPU/TPU)")
     parser.add_argument("--proteins", type=int, default=96, help="proteins sampled from the genomes")
@@ -38,24 +40,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=12_290, help="token budget per batch (the original's)")
     parser.add_argument("--max-residues", type=int, default=12_288, help="longer proteins are truncated")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attention", type=attention_names, default=[None],
+    parser.add_argument("--attention", type=paired.comma_separated(esm2.ATTENTION, "ESM2 attention"), default=[None],
                         help="comma-separated ESM2 attentions to time (query_blocks, dot_product); default: the "
                              "platform's for each dtype (glm_jax.proteins.esm2.default_attention)")
     parser.add_argument("--stage", action="store_true",
                         help="time embed_proteins end to end (cold, fresh store) instead of batches against EsmModel")
-
-
-def attention_names(text: str) -> list[str]:
-    """--attention: names of `esm2.ATTENTION` (argparse reports any other as a usage error)."""
-    import argparse
-
-    from glm_jax.proteins import esm2
-
-    names = text.split(",")
-    unknown = [name for name in names if name not in esm2.ATTENTION]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown ESM2 attention {unknown}; choose from {sorted(esm2.ATTENTION)}")
-    return names
 
 
 def sample_proteins(args) -> list[str]:
