@@ -21,13 +21,13 @@ from helpers import decode_token_rows
 def count_embedded(monkeypatch):
     """Every sequence the model is run on during the test, in order."""
     seen = []
-    original = pe.Esm2Embedder.__call__
+    original = pe.Esm2Embedder.launch
 
     def counting(self, tokens):
         seen.extend(decode_token_rows(tokens))
         return original(self, tokens)
 
-    monkeypatch.setattr(pe.Esm2Embedder, "__call__", counting)
+    monkeypatch.setattr(pe.Esm2Embedder, "launch", counting)
     return seen
 
 
@@ -117,15 +117,15 @@ def test_each_planned_shape_compiles_once_on_the_background_thread(tiny_esm2_dir
         return original(self, rows, length)
 
     queued_at_first_batch = []
-    original_call = pe.Esm2Embedder.__call__
+    original_launch = pe.Esm2Embedder.launch
 
     def first_batch_sees_queue(self, tokens):
         if not queued_at_first_batch:
             queued_at_first_batch.extend(self._compiled)
-        return original_call(self, tokens)
+        return original_launch(self, tokens)
 
     monkeypatch.setattr(pe.Esm2Embedder, "_compile", recording)
-    monkeypatch.setattr(pe.Esm2Embedder, "__call__", first_batch_sees_queue)
+    monkeypatch.setattr(pe.Esm2Embedder, "launch", first_batch_sees_queue)
     queries = proteins[:30]
     pe.embed_proteins(queries, tmp_path / "store", tiny_esm2_dir, max_tokens=1024, progress=False)
     lengths = [len(esm2.tokenize(pe.normalise_sequence(s))) for s in queries]
@@ -227,17 +227,21 @@ from glm_jax.proteins import embed as pe
 from helpers import decode_token_rows
 
 store, model, log, proteins = sys.argv[1], sys.argv[2], sys.argv[3], open(sys.argv[4]).read().split()
-original, calls = pe.Esm2Embedder.__call__, []
+launch, add, launched = pe.Esm2Embedder.launch, pe.EmbeddingStore.add, []
 
-def dies_in_third_batch(self, tokens):
-    calls.append(1)
-    if len(calls) == 3:
+def dies_launching_fourth_batch(self, tokens):
+    launched.append(1)
+    if len(launched) == 4:  # the third batch is computed, not stored
         os.kill(os.getpid(), signal.SIGKILL)
-    with open(log, "a") as handle:
-        handle.write("".join(s + "\\n" for s in decode_token_rows(tokens)))
-    return original(self, tokens)
+    return launch(self, tokens)
 
-pe.Esm2Embedder.__call__ = dies_in_third_batch
+def logged_add(self, sequences, embeddings):
+    add(self, sequences, embeddings)
+    with open(log, "a") as handle:
+        handle.write("".join(s + "\\n" for s in sequences))
+
+pe.Esm2Embedder.launch = dies_launching_fourth_batch
+pe.EmbeddingStore.add = logged_add
 pe.embed_proteins(proteins, store, model, max_tokens=1024, progress=False)
 """
 
@@ -256,10 +260,22 @@ def test_resume_after_sigkill_embeds_each_protein_once(tiny_esm2_dir, tmp_path, 
     assert 0 < len(before_kill) < 40 and len(pe.EmbeddingStore(tmp_path / "store")) == len(before_kill)
 
     store = pe.embed_proteins(queries, tmp_path / "store", tiny_esm2_dir, max_tokens=1024, progress=False)
-    assert sorted(before_kill + count_embedded) == sorted(queries)  # nothing embedded twice, nothing lost
+    assert sorted(before_kill + count_embedded) == sorted(queries)  # nothing stored is redone, nothing lost
     assert store.last_run.already_stored == len(before_kill)
     uninterrupted = pe.embed_proteins(queries, tmp_path / "fresh", tiny_esm2_dir, max_tokens=1024, progress=False)
     np.testing.assert_allclose(store.get(queries), uninterrupted.get(queries), atol=2e-3, rtol=0)
+
+
+def test_next_batch_is_launched_before_a_batch_is_stored(tiny_esm2_dir, tmp_path, proteins, monkeypatch):
+    """The devices get batch n + 1 before the host waits for batch n and stores it; a loop that
+    finishes each batch before launching the next fails this."""
+    events = []
+    launch, add = pe.Esm2Embedder.launch, pe.EmbeddingStore.add
+    monkeypatch.setattr(pe.Esm2Embedder, "launch", lambda self, tokens: events.append("launch") or launch(self, tokens))
+    monkeypatch.setattr(pe.EmbeddingStore, "add", lambda self, *args: events.append("store") or add(self, *args))
+    pe.embed_proteins(proteins[:30], tmp_path / "store", tiny_esm2_dir, max_tokens=1024, progress=False)
+    batches = events.count("launch")
+    assert batches >= 3 and events == ["launch"] + ["launch", "store"] * (batches - 1) + ["store"]
 
 
 def test_embed_proteins_cli(tiny_esm2_dir, tmp_path, capsys, monkeypatch):

@@ -13,8 +13,10 @@ Store layout (one writer at a time):
     STORE/chunk-00000000.npz      keys [n] (sha256 hex, S64), embeddings float16 [n, dim]
 
 Every chunk is written to a temporary file, fsynced and renamed, one per model batch, so a killed
-run keeps every batch it finished and a rerun embeds only what is missing; at the end of a run the
-small chunks are merged into one.
+run keeps every batch it stored and a rerun embeds only what is missing; at the end of a run the
+small chunks are merged into one. The next batch is launched before a batch is stored, so the
+devices do not wait for the host's padding, transfers and writes (a killed run recomputes the one
+batch that was in flight).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -288,6 +290,18 @@ class EmbedStats:
     seconds: float
 
 
+@dataclasses.dataclass(frozen=True)
+class PendingEmbeddings:
+    """The embeddings of a batch `Esm2Embedder.launch` started, possibly still being computed."""
+
+    values: Any  # jax.Array [rows padded to the devices, hidden]
+    rows: int
+
+    def result(self) -> np.ndarray:
+        """Waits for the batch -> float32 [rows, hidden]"""
+        return np.asarray(self.values)[:self.rows]
+
+
 class Esm2Embedder:
     """A loaded ESM2 model: padded token batches -> mean embeddings of one layer.
 
@@ -332,6 +346,12 @@ class Esm2Embedder:
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         """tokens [rows, length] int32 -> float32 [rows, hidden]"""
+        return self.launch(tokens).result()
+
+    def launch(self, tokens: np.ndarray) -> "PendingEmbeddings":
+        """Starts the model on tokens [rows, length] int32 and returns without waiting for it (JAX
+        dispatches asynchronously; only a shape's first compilation blocks), so the host can pad
+        the next batch and store the previous one while the devices run this one."""
         import jax
 
         rows = len(tokens)
@@ -339,7 +359,7 @@ class Esm2Embedder:
         if spare:
             tokens = np.concatenate([tokens, np.full((spare, tokens.shape[1]), esm2.PAD_ID, tokens.dtype)])
         executable = self._compilation(*tokens.shape).result()
-        return np.asarray(executable(self.params, jax.device_put(tokens, self.row_sharding)))[:rows]
+        return PendingEmbeddings(executable(self.params, jax.device_put(tokens, self.row_sharding)), rows)
 
     def precompile(self, shapes: Iterable[tuple[int, int]]) -> None:
         """Queue compilations for token batches of these (rows, length) shapes, in this order, on one
@@ -431,12 +451,26 @@ def _embed_missing(store: EmbeddingStore, embedder: Esm2Embedder, todo: list[str
 
     plan = plan_batches([len(t) for t in tokens], max_tokens, cap)
     embedder.precompile(dict.fromkeys((rows, length) for _, rows, length in plan))
+    launched = ((indices, embedder.launch(esm2.pad_batch([tokens[i] for i in indices], length, rows)))
+                for indices, rows, length in plan)
     try:
         with Progress(total=len(todo), unit="protein", enabled=progress and bool(todo), desc="ESM2 embeddings") as bar:
-            for indices, rows, length in plan:
-                batch = esm2.pad_batch([tokens[i] for i in indices], length, rows)
-                embeddings = embedder(batch)[: len(indices)]
-                store.add([todo[i] for i in indices], embeddings)
+            for indices, pending in _one_ahead(launched):
+                store.add([todo[i] for i in indices], pending.result()[:len(indices)])
                 bar.update(len(indices))
     finally:
         embedder.cancel_compilations()
+
+
+def _one_ahead(items: Iterable) -> Iterator:
+    """Yields each item of `items` once the next one has been drawn (the last one at the end). Drawing
+    a batch from a generator of `Esm2Embedder.launch` calls starts it, so the devices always have the
+    next batch while the host waits for, and stores, the one before; a run killed in between loses
+    that one computed batch, never a stored one."""
+    previous = sentinel = object()
+    for item in items:
+        if previous is not sentinel:
+            yield previous
+        previous = item
+    if previous is not sentinel:
+        yield previous
