@@ -329,28 +329,37 @@ def test_case_runs_end_to_end(case, quick_results):
             assert r["ratio_vs_baseline"] == pytest.approx(r["items_per_s"] / r["extra"]["train_windows_per_s"])
 
 
-def test_esm2_stage_times_a_cold_embed_proteins_run(tmp_path, monkeypatch):
-    """--stage: one record per dtype for the whole embed_proteins run, and the run is the real
-    one (every sampled protein embedded into a fresh store, each batch shape compiled)."""
-    from glm_jax.proteins import embed
+def _git_checkout() -> bool:
+    import subprocess
 
-    runs = []
-    original = embed.embed_proteins
+    return subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True).returncode == 0
 
-    def recording(*args, **kwargs):
-        store = original(*args, **kwargs)
-        runs.append((store.last_run, len(store)))
-        return store
 
-    monkeypatch.setattr(embed, "embed_proteins", recording)
+@pytest.mark.skipif(not _git_checkout(), reason="--stage-baseline needs this repository's git history")
+def test_esm2_stage_times_cold_runs_of_this_checkout_and_a_baseline_commit(tmp_path):
+    """--stage: embed_proteins in fresh processes, of this checkout and (--stage-baseline) of a
+    commit's source, each embedding every sampled protein into a fresh store (the harness checks
+    the worker's embedded and stored counts, and that the baseline ran the commit's glm_jax, not
+    this checkout's); one record per side, the baseline's median over this one's as the ratio."""
+    import subprocess
+
     output = tmp_path / "stage.jsonl"
-    assert run.main(["esm2", "--quick", "--stage", "--output", str(output)]) == 0
-    (record,) = read_jsonl(output)
-    assert runs and runs[0][0].embedded == runs[0][1] == record["shapes"]["proteins"] == 6
-    assert record["shapes"]["length"] == "stage" and record["impl"] == "jax" and record["repeats"] == 1
-    assert record["extra"]["attention"] == "query_blocks"  # CPU float32's default
-    assert record["median_s"] >= runs[0][0].seconds > 0 and record["baseline"] is None
-    assert record["extra"]["padded_tokens"] >= record["extra"]["tokens"] > record["shapes"]["residues"]
+    assert run.main(["esm2", "--quick", "--stage", "--stage-baseline", "HEAD", "--output", str(output)]) == 0
+    baseline, current = read_jsonl(output)
+    head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert (baseline["impl"], current["impl"]) == ("jax@HEAD", "jax") and baseline["extra"]["source_commit"] == head
+    assert baseline["baseline"] == current["baseline"] == "jax@HEAD" and baseline["ratio_vs_baseline"] == 1.0
+    assert current["ratio_vs_baseline"] == pytest.approx(baseline["median_s"] / current["median_s"])
+    assert current["shapes"] == baseline["shapes"] and current["shapes"]["length"] == "stage"
+    assert current["shapes"]["proteins"] == 6 and current["repeats"] == 1 and current["median_s"] > 0
+    assert current["extra"]["attention"] == "query_blocks"  # CPU float32's default
+    assert current["extra"]["padded_tokens"] >= current["extra"]["tokens"] > current["shapes"]["residues"]
+
+
+def test_esm2_stage_baseline_that_is_not_a_commit_is_one_line(tmp_path, capsys):
+    output = tmp_path / "stage.jsonl"
+    assert run.main(["esm2", "--quick", "--stage", "--stage-baseline", "no-such-ref", "--output", str(output)]) == 2
+    assert "--stage-baseline no-such-ref: not a commit" in capsys.readouterr().err and not output.exists()
 
 
 def test_gpu_session_steps_are_valid_commands(tmp_path):

@@ -10,9 +10,12 @@ identical on both sides. JAX runs `Esm2Embedder` (the embed-proteins path); floa
 accelerator also bfloat16 against PyTorch float16 autocast. Items: proteins per second.
 
 `--stage` times the embed-proteins stage itself instead: `embed_proteins` over the sampled proteins
-into a fresh store, in one cold run per dtype (model loading, tokenisation, the compilation of every
-batch shape, store writes; no persistent compilation cache), one record `length=stage` per dtype,
-JAX only. The main job's stage: `--stage --proteins 100000` (all proteins of data/genomes/).
+into a fresh store, in cold runs each in a fresh process (model loading, tokenisation, the
+compilation of every batch shape, store writes; no persistent compilation cache), `--repeats` per
+dtype, one record `length=stage` per dtype, JAX only. `--stage-baseline REF` also runs the code of
+commit REF, alternating with this checkout's runs, as the record's baseline. The main job's stage
+against the code the throughput issue started from: `--stage --proteins 100000 --stage-baseline
+56352d8 --repeats 2` (all proteins of data/genomes/).
 """
 from __future__ import annotations
 
@@ -44,7 +47,11 @@ def add_arguments(parser) -> None:
                         help="comma-separated ESM2 attentions to time (query_blocks, dot_product); default: the "
                              "platform's for each dtype (glm_jax.proteins.esm2.default_attention)")
     parser.add_argument("--stage", action="store_true",
-                        help="time embed_proteins end to end (cold, fresh store) instead of batches against EsmModel")
+                        help="time embed_proteins end to end (cold, fresh store, fresh process; --repeats runs) "
+                             "instead of batches against EsmModel")
+    parser.add_argument("--stage-baseline", metavar="GIT_REF",
+                        help="with --stage: also time the code of this commit (git archive of it), alternating "
+                             "with this checkout's runs; the records' baseline")
 
 
 def sample_proteins(args) -> list[str]:
@@ -202,35 +209,94 @@ def jax_extra(embedder, difference) -> dict:
 
 
 def run_stage(args, recorder, proteins: list[str], dtypes: list[str]) -> None:
-    """One cold `embed_proteins` run per dtype over `proteins` into a fresh store (see the module
-    docstring); the model is read from disk as `glm-jax embed-proteins` does."""
+    """Cold `embed_proteins` runs over `proteins` into fresh stores (see the module docstring), each
+    in a fresh process (`benchmarks/stage_worker.py`; the model read from disk as `glm-jax
+    embed-proteins` does): `--repeats` per dtype and attention, and with `--stage-baseline REF` as
+    many of the code at REF, alternating with them (REF first, then this checkout first, ...) so
+    that the machine's drift falls on both sides. One record per side; this checkout's has the
+    baseline's median over its own as `ratio_vs_baseline`."""
+    import json
+    import statistics
     import tempfile
-    import time
 
     from glm_jax.proteins import embed, esm2
 
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        baseline = export_commit(args.stage_baseline, tmp / "baseline") if args.stage_baseline else None
         name, _, _, model = paired_models(args.size, args.quick)
-        model_dir = embed.fetch_esm2() if name.startswith("esm2-8M") else pathlib.Path(tmp) / "model"
+        model_dir = embed.fetch_esm2() if name.startswith("esm2-8M") else tmp / "model"
         if not name.startswith("esm2-8M"):
             model.save_pretrained(model_dir)  # random weights: the directory embed_proteins reads
+        (tmp / "proteins.json").write_text(json.dumps(proteins))
         lengths = [len(esm2.tokenize(p[:args.max_residues])) for p in proteins]
-        residues = sum(min(len(p), args.max_residues) for p in proteins)
         plan = embed.plan_batches(lengths, args.max_tokens, args.max_residues + 2)
-        runs = [(dtype, impl, attention) for dtype in dtypes for impl, attention in jax_sides(args).items()]
-        for dtype, impl, attention in runs:
-            start = time.perf_counter()
-            store = embed.embed_proteins(proteins, pathlib.Path(tmp) / f"store-{dtype}-{impl}", model_dir,
-                                         max_tokens=args.max_tokens, max_residues=args.max_residues,
-                                         compute_dtype=dtype, progress=False, attention=attention)
-            seconds = time.perf_counter() - start
-            assert store.last_run.embedded == len(proteins)
-            recorder.record(case=CASE, config=name, impl=impl, dtype=dtype, batch=None,
-                            shapes={"length": "stage", "proteins": len(proteins), "residues": residues,
-                                    "batches": len(plan), "batch_shapes": len({(r, n) for _, r, n in plan})},
-                            median_s=seconds, min_s=seconds, max_s=seconds, repeats=1,
-                            items_per_s=len(proteins) / seconds, items_unit="proteins/s",
-                            extra={"timing": "one cold embed_proteins run: model load, tokenisation, compilation "
-                                             "of every batch shape, store writes",
-                                   "attention": attention or esm2.default_attention(dtype),
-                                   "padded_tokens": sum(r * n for _, r, n in plan), "tokens": sum(lengths)})
+        shapes = {"length": "stage", "proteins": len(proteins), "residues": sum(min(len(p), args.max_residues) for p in proteins),
+                  "batches": len(plan), "batch_shapes": len({(r, n) for _, r, n in plan})}
+        extra = {"timing": "cold embed_proteins runs, each in a fresh process: model load, tokenisation, "
+                           "compilation of every batch shape, store writes",
+                 "padded_tokens": sum(r * n for _, r, n in plan), "tokens": sum(lengths)}
+        baseline_side = f"jax@{args.stage_baseline}" if baseline else None
+        for dtype in dtypes:
+            for impl, attention in jax_sides(args).items():
+                # side -> (source tree, attention option, record extras), the baseline first
+                sides = {impl: (REPO, attention, {"attention": attention or esm2.default_attention(dtype)})}
+                if baseline_side:
+                    sides = {baseline_side: (baseline[0], None, {"attention": "the commit's default",
+                                                                 "source_commit": baseline[1]}), **sides}
+                times = {side: [] for side in sides}
+                for repeat in range(args.repeats):
+                    for side in list(sides)[::1 if repeat % 2 == 0 else -1]:
+                        source, option, _ = sides[side]
+                        times[side].append(stage_in_process(source, tmp, model_dir, dtype, args, option,
+                                                            len(proteins))["seconds"])
+                for side, seconds in times.items():
+                    median = statistics.median(seconds)
+                    recorder.record(case=CASE, config=name, impl=side, dtype=dtype, batch=None, shapes=shapes,
+                                    median_s=median, min_s=min(seconds), max_s=max(seconds), repeats=len(seconds),
+                                    items_per_s=len(proteins) / median, items_unit="proteins/s", baseline=baseline_side,
+                                    ratio_vs_baseline=statistics.median(times[baseline_side]) / median
+                                    if baseline_side else None,
+                                    extra={**extra, "seconds": seconds, **sides[side][2]})
+
+
+def export_commit(ref: str, dest: pathlib.Path) -> tuple[pathlib.Path, str]:
+    """The source tree of commit `ref` of this repository (`git archive`) -> (dest, full sha)."""
+    import io
+    import subprocess
+    import tarfile
+
+    from glm_jax.errors import InputError
+
+    found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+                           capture_output=True, text=True)
+    if found.returncode != 0:
+        raise InputError(f"--stage-baseline {ref}: not a commit of the repository at {REPO}")
+    sha = found.stdout.strip()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", sha], capture_output=True, check=True)
+    dest.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest, sha
+
+
+def stage_in_process(source: pathlib.Path, tmp: pathlib.Path, model_dir, dtype: str, args, attention: str | None,
+                     expected: int) -> dict:
+    """One `stage_worker.py` run with `source`'s glm_jax into a fresh store -> its JSON result."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    store = pathlib.Path(tempfile.mkdtemp(dir=tmp)) / "store"
+    command = [sys.executable, str(REPO / "benchmarks" / "stage_worker.py"), str(tmp / "proteins.json"), str(model_dir),
+               str(store), dtype, str(args.max_tokens), str(args.max_residues), *([attention] if attention else [])]
+    done = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(source)), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"stage run of {source} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not result["embedded"] == result["stored"] == expected or not result["glm_jax"].startswith(str(source)):
+        raise RuntimeError(f"stage run of {source} embedded {result['embedded']} and stored {result['stored']} of "
+                           f"{expected} proteins with glm_jax from {result['glm_jax']}")
+    return result
