@@ -356,10 +356,12 @@ def test_esm2_stage_times_cold_runs_of_this_checkout_and_a_baseline_commit(tmp_p
     assert current["extra"]["padded_tokens"] >= current["extra"]["tokens"] > current["shapes"]["residues"]
 
 
-def test_esm2_stage_baseline_that_is_not_a_commit_is_one_line(tmp_path, capsys):
+def test_esm2_stage_baseline_that_is_not_a_commit_or_without_stage_is_one_line(tmp_path, capsys):
     output = tmp_path / "stage.jsonl"
     assert run.main(["esm2", "--quick", "--stage", "--stage-baseline", "no-such-ref", "--output", str(output)]) == 2
     assert "--stage-baseline no-such-ref: not a commit" in capsys.readouterr().err and not output.exists()
+    assert run.main(["esm2", "--quick", "--stage-baseline", "HEAD", "--output", str(output)]) == 2
+    assert "it needs --stage" in capsys.readouterr().err and not output.exists()
 
 
 def test_gpu_session_steps_are_valid_commands(tmp_path):

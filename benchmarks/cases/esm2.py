@@ -126,8 +126,11 @@ def run(args, recorder) -> None:
     import jax
     import numpy as np
 
+    from glm_jax.errors import InputError
     from glm_jax.proteins import embed, esm2
 
+    if args.stage_baseline and not args.stage:
+        raise InputError("--stage-baseline compares embed-proteins stages: it needs --stage")
     accelerator = jax.default_backend() != "cpu"
     dtypes = args.dtypes.split(",") if args.dtypes else ["float32"] + (["bfloat16"] if accelerator else [])
     size = "toy" if args.quick else args.size
