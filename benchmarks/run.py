@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from glm_jax.perf_defaults import restart_with_huge_pages
+    from glm_jax.perf_defaults import REUSING_MALLOC_TUNABLES, restart_with_huge_pages
 
-    restart_with_huge_pages()  # both sides of every comparison run under the same allocator
+    # both sides of every comparison under the same allocator, one that does not handicap PyTorch
+    restart_with_huge_pages(REUSING_MALLOC_TUNABLES)
     sys.exit(main())

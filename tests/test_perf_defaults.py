@@ -48,6 +48,27 @@ def test_switch_keeps_the_process_as_started():
     assert tunables == "None" and huge_kb < 32 << 10
 
 
+REUSING_PROBE = """
+import os
+from glm_jax import perf_defaults
+perf_defaults.restart_with_huge_pages(perf_defaults.REUSING_MALLOC_TUNABLES)
+print(os.environ.get("GLIBC_TUNABLES"))
+"""
+
+
+@pytest.mark.skipif(not perf_defaults.glibc_has_huge_page_tunable(), reason="needs Linux with glibc >= 2.35")
+def test_benchmark_restart_adds_the_malloc_limits_it_misses():
+    """benchmarks/run.py's restart: every tunable it asks for, once, after the ones already set (a
+    process started with only the huge-page tunable, as the CLI leaves it, restarts too)."""
+    env = {k: v for k, v in os.environ.items() if k != perf_defaults.HUGE_PAGES_SWITCH}
+    for started_with in ("glibc.malloc.check=0", perf_defaults.HUGE_PAGE_TUNABLE):
+        out = subprocess.run([sys.executable, "-c", REUSING_PROBE], env=dict(env, GLIBC_TUNABLES=started_with),
+                             capture_output=True, text=True, check=True)
+        tunables = out.stdout.strip().split(":")
+        assert tunables[0] == started_with and sorted(tunables[1:]) == sorted(
+            {perf_defaults.HUGE_PAGE_TUNABLE, *perf_defaults.REUSING_MALLOC_TUNABLES} - {started_with})
+
+
 CACHE_PROBE = """
 import logging, os, sys
 if os.environ.get("HIDE_FILELOCK"):
