@@ -49,22 +49,42 @@ def test_switch_keeps_the_process_as_started():
 
 
 REUSING_PROBE = """
-import os
+import ctypes, os
 from glm_jax import perf_defaults
 perf_defaults.restart_with_huge_pages(perf_defaults.REUSING_MALLOC_TUNABLES)
-print(os.environ.get("GLIBC_TUNABLES"))
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 16 << 20  # a PyTorch-sized buffer: above glibc's default mmap threshold
+mapped_before = libc.mallinfo2().hblks
+buffer = libc.malloc(size)
+ctypes.memset(buffer, 1, size)
+mapped = libc.mallinfo2().hblks - mapped_before  # 1 when glibc mmapped it
+libc.free(buffer)
+kept = libc.mallinfo2().arena >= size  # False when glibc trimmed the heap after the free
+print(os.environ.get("GLIBC_TUNABLES"), mapped, kept)
 """
 
 
 @pytest.mark.skipif(not perf_defaults.glibc_has_huge_page_tunable(), reason="needs Linux with glibc >= 2.35")
 def test_benchmark_restart_adds_the_malloc_limits_it_misses():
     """benchmarks/run.py's restart: every tunable it asks for, once, after the ones already set (a
-    process started with only the huge-page tunable, as the CLI leaves it, restarts too)."""
+    process started with only the huge-page tunable, as the CLI leaves it, restarts too), and glibc
+    obeys them: a 16 MiB buffer comes from the heap, not a fresh mmap, and stays there after free
+    (a misspelled tunable is silently ignored by glibc, so its effect is checked)."""
     env = {k: v for k, v in os.environ.items() if k != perf_defaults.HUGE_PAGES_SWITCH}
     for started_with in ("glibc.malloc.check=0", perf_defaults.HUGE_PAGE_TUNABLE):
         out = subprocess.run([sys.executable, "-c", REUSING_PROBE], env=dict(env, GLIBC_TUNABLES=started_with),
                              capture_output=True, text=True, check=True)
-        tunables = out.stdout.strip().split(":")
+        tunables, mapped, kept = out.stdout.split()
+        assert (mapped, kept) == ("0", "True")
+        tunables = tunables.split(":")
         assert tunables[0] == started_with and sorted(tunables[1:]) == sorted(
             {perf_defaults.HUGE_PAGE_TUNABLE, *perf_defaults.REUSING_MALLOC_TUNABLES} - {started_with})
 
