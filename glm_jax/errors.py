@@ -9,6 +9,7 @@ that catch ValueError keep working.
       InputError          bad user data (genome, FASTA, npz batch, shards, embedding store)
       ConfigError         config file or --config.x=y override
       CheckpointError     model directory, training workdir or state dict that cannot be used
+      DistributedError    several processes that cannot form one run (no cluster, coordinator unreachable)
 """
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ class ConfigError(GlmJaxError, ValueError):
 
 class CheckpointError(GlmJaxError, ValueError):
     """A checkpoint or state dict that does not exist in the expected form or does not fit."""
+
+
+class DistributedError(GlmJaxError, RuntimeError):
+    """Processes that cannot form one run: no cluster environment, an unreachable coordinator,
+    a process count that the batch or the shards do not divide."""
 
 
 def did_you_mean(name: str, candidates: Iterable[str], prefix: str = "") -> str:

@@ -80,6 +80,30 @@ def load_model(args: argparse.Namespace):
     return load_any_model(args.checkpoint, **model_changes(args))
 
 
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """--distributed and the explicit cluster options (glm_jax.distributed says where a run's
+    processes come from when they are left out)."""
+    group = parser.add_argument_group("several processes (glm_jax.distributed)")
+    group.add_argument("--distributed", action="store_true",
+                       help="run as one of several JAX processes: under SLURM (srun) or on a TPU pod found "
+                            "automatically, else from --coordinator/--num-processes/--process-id or GLM_JAX_* "
+                            "(what glm-jax launch-local sets)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (with --distributed)")
+    group.add_argument("--num-processes", type=positive_int, metavar="N", help="processes in the run")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    """Joins the run when --distributed was given (before any jax computation); else nothing."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed:
+        if any(v is not None for v in explicit):
+            raise InputError("--coordinator, --num-processes and --process-id need --distributed")
+        return
+    from glm_jax import distributed
+    distributed.initialize(*explicit)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

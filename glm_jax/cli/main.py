@@ -23,6 +23,7 @@ COMMANDS = {
     "fit-normalization": ("glm_jax.cli.data", "fit_normalization_main", "fit mean/std + whitened PCA on a corpus"),
     "make-shards": ("glm_jax.cli.data", "make_shards_main", "genomes -> contig windows -> TFRecord shards"),
     "train": ("glm_jax.cli.train", "train_main", "train gLM (any mesh, resumable)"),
+    "launch-local": ("glm_jax.cli.train", "launch_local_main", "run a command as N local JAX processes of one run"),
     "embed": ("glm_jax.cli.inference", "embed_main", "gene embeddings / predictions of a trained model on shards"),
     "infer": ("glm_jax.cli.inference", "infer_main", "genomes -> per-gene embeddings, hypotheses, attention (parquet)"),
     "operons": ("glm_jax.cli.analysis", "operons_main", "operon prediction from attention: fit | evaluate | predict"),
