@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import pathlib
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from glm_jax.errors import InputError
 
@@ -72,30 +72,48 @@ def read_fasta(path: str | pathlib.Path, *, protein: bool = True, unknown: str =
 def parse_fasta(lines: Iterable[str], origin: str, *, protein: bool = True,
                 unknown: str = "error") -> list[FastaRecord]:
     """`read_fasta` on FASTA text already open (e.g. a GFF3 ##FASTA section); `origin` names it."""
-    records: list[FastaRecord] = []
-    seen: set[str] = set()
+    return list(iter_records(lines, origin, protein=protein, unknown=unknown, seen=set()))
+
+
+def iter_fasta(path: str | pathlib.Path, *, protein: bool = True, unknown: str = "error") -> Iterator[FastaRecord]:
+    """`read_fasta` one record at a time, for files too large to hold: the same checks except the
+    duplicate id (which needs every id; the streaming genome reader checks ids by hash instead)."""
+    path = pathlib.Path(path)
+    try:
+        with _open_text(path) as handle:
+            yield from iter_records(handle, str(path), protein=protein, unknown=unknown)
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        raise FastaError(f"{path}: cannot read as FASTA: {error}") from None
+
+
+def iter_records(lines: Iterable[str], origin: str, *, protein: bool = True, unknown: str = "error",
+                 seen: set[str] | None = None) -> Iterator[FastaRecord]:
+    """The FASTA parser: records of `lines` in order; a duplicate id is an error when `seen` (the
+    ids so far, filled in here) is given."""
     header: tuple[int, str] | None = None
     parts: list[str] = []
+    count = 0
 
-    def finish() -> None:
-        if header is None:
-            return
+    def finish() -> FastaRecord:
         line, description = header
         name = description.split()[0]
         where = f"{origin}: record {name!r} (line {line})"
-        if name in seen:
+        if seen is not None and name in seen:
             raise FastaError(f"{where}: duplicate id")
         raw = "".join(parts)
         sequence = clean_protein(raw, where, unknown) if protein else "".join(raw.split()).upper()
         if not sequence:
             raise FastaError(f"{where}: empty sequence")
-        seen.add(name)
-        records.append(FastaRecord(name, description, sequence, line))
+        if seen is not None:
+            seen.add(name)
+        return FastaRecord(name, description, sequence, line)
 
     for number, text in enumerate(lines, 1):
         text = text.strip()
         if text.startswith(">"):
-            finish()
+            if header is not None:
+                count += 1
+                yield finish()
             description = text[1:].strip()
             if not description:
                 raise FastaError(f"{origin}: line {number}: header without a name")
@@ -104,7 +122,8 @@ def parse_fasta(lines: Iterable[str], origin: str, *, protein: bool = True,
             if header is None:
                 raise FastaError(f"{origin}: line {number}: sequence data before the first '>' header")
             parts.append(text)
-    finish()
-    if not records:
+    if header is not None:
+        count += 1
+        yield finish()
+    if not count:
         raise FastaError(f"{origin}: no FASTA records")
-    return records

@@ -1,5 +1,12 @@
 """Genome readers: GenBank, GFF3 + FASTA, protein FASTA + contig table, nucleotide FASTA.
 
+Streaming: `iter_contigs(paths, contig_table, unknown, report)` yields one `Contig` at a time, in
+input order, and counts what it read and skipped into a `ReadReport`; memory is one GenBank record,
+one GFF3 / nucleotide FASTA file (they need the whole file), or, for protein FASTA + contig table,
+the proteins read ahead of the table (none when the FASTA lists them in table order, as the
+original's files do). Contig ids must be unique over all inputs (checked by 64-bit hash). The
+`read_*` functions below return whole files for small inputs and tests.
+
 Every reader returns a `GenomeRead`: per contig the genes in genomic order (`Gene`: id, protein
 sequence, strand +-1, 1-based inclusive start/end, contig id, label qualifiers) plus the CDS it
 had to skip (`SkippedCDS`: pseudogenes, CDS without a translation, ...), so nothing is dropped
@@ -22,13 +29,13 @@ import io
 import pathlib
 import urllib.parse
 from collections import Counter
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from Bio import SeqIO
 from Bio.Data import CodonTable
 from Bio.Seq import Seq
 
-from glm_jax.data import fasta
+from glm_jax.data import fasta, id_hashes
 from glm_jax.errors import InputError
 
 GENBANK_SUFFIXES = (".gb", ".gbk", ".gbff", ".genbank")
@@ -114,9 +121,61 @@ class GenomeRead:
         }
 
 
+@dataclasses.dataclass
+class ReadReport:
+    """What a streaming read saw: counts, skipped CDS by reason and the first 20 of them."""
+    files: int = 0
+    contigs: int = 0
+    genes: int = 0
+    skipped_cds: int = 0
+    skipped_by_reason: Counter = dataclasses.field(default_factory=Counter)
+    skipped_examples: list[str] = dataclasses.field(default_factory=list)
+
+    def add_contig(self, contig: Contig) -> None:
+        self.contigs += 1
+        self.genes += len(contig.genes)
+
+    def add_skipped(self, skipped: SkippedCDS) -> None:
+        self.skipped_cds += 1
+        self.skipped_by_reason[skipped.reason] += 1
+        if len(self.skipped_examples) < 20:
+            self.skipped_examples.append(f"{skipped.source}:{skipped.contig}:{skipped.id or skipped.index} "
+                                         f"{skipped.location} ({skipped.reason})")
+
+    def summary(self) -> dict:
+        """The keys of `GenomeRead.summary`, for logs and dataset_info.json."""
+        return {"files": self.files, "contigs": self.contigs, "genes": self.genes, "skipped_cds": self.skipped_cds,
+                "skipped_by_reason": dict(self.skipped_by_reason), "skipped_examples": list(self.skipped_examples)}
+
+
+def iter_contigs(paths: Iterable[str | pathlib.Path], contig_table: str | pathlib.Path | None = None,
+                 unknown: str = "error", report: ReadReport | None = None, unique: bool = True) -> Iterator[Contig]:
+    """Contigs of every file (format from its name), one at a time, in input order.
+
+    `report` (optional) counts files, contigs, genes and skipped CDS as they stream by. `unique`:
+    a contig id seen before, in this file or an earlier one, is a GenomeFormatError naming both
+    files and the record (contig ids key windows, shards and tables). `contig_table` and `unknown`
+    as in `read_genomes`."""
+    report = report if report is not None else ReadReport()
+    paths = [pathlib.Path(p) for p in paths]
+    seen = id_hashes.SeenHashes() if unique else None
+    for number, path in enumerate(paths):
+        report.files += 1
+        for ordinal, contig in enumerate(iter_genome(path, contig_table, unknown, report.add_skipped), 1):
+            if seen is not None:
+                first = seen.add(contig.id, number)
+                if first is not None:
+                    where = "earlier in the same file" if first == number else f"in {paths[first]}"
+                    raise GenomeFormatError(f"{path}: record {ordinal} {contig.id!r}: contig id already seen "
+                                            f"{where}; contig ids must be unique over all inputs")
+            report.add_contig(contig)
+            yield contig
+
+
 def read_genomes(paths: Iterable[str | pathlib.Path], contig_table: str | pathlib.Path | None = None,
                  unknown: str = "error") -> GenomeRead:
-    """Reads every file (format from its name) into one `GenomeRead`, contigs in input order.
+    """Reads every file (format from its name) into one `GenomeRead`, contigs in input order
+    (a contig id may repeat across files here; `iter_contigs` refuses that).
 
     `contig_table` is required for protein FASTA and applies to all protein FASTA inputs. Proteins
     follow `fasta.clean_protein`: a residue outside the ESM2 alphabet is an error naming the record
@@ -129,27 +188,41 @@ def read_genomes(paths: Iterable[str | pathlib.Path], contig_table: str | pathli
 
 def read_genome(path: str | pathlib.Path, contig_table: str | pathlib.Path | None = None,
                 unknown: str = "error") -> GenomeRead:
+    result = GenomeRead()
+    result.contigs = list(iter_genome(path, contig_table, unknown, result.skipped.append))
+    return result
+
+
+def iter_genome(path: str | pathlib.Path, contig_table: str | pathlib.Path | None = None, unknown: str = "error",
+                skipped: Callable[[SkippedCDS], None] = lambda s: None) -> Iterator[Contig]:
+    """The contigs of one file, one at a time; each skipped CDS is passed to `skipped`."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"genome file not found: {path}")
     suffix = _format_suffix(path)
     if suffix in GENBANK_SUFFIXES:
-        return read_genbank(path, unknown)
+        return _genbank_contigs(path, unknown, skipped)
     if suffix in GFF_SUFFIXES:
-        return read_gff3(path)
+        return _contigs_of(read_gff3(path), skipped)
     if suffix in PROTEIN_FASTA_SUFFIXES or (suffix in AMBIGUOUS_FASTA_SUFFIXES and not _is_nucleotide_fasta(path)):
         if contig_table is None:
             raise GenomeFormatError(f"{path}: a protein FASTA needs a contig table (contig<TAB>+id;-id;...)")
-        return read_protein_fasta(path, contig_table, unknown)
+        return _protein_fasta_contigs(path, pathlib.Path(contig_table), unknown)
     if suffix in NUCLEOTIDE_FASTA_SUFFIXES:
-        return call_genes(path)
+        return iter(call_genes(path).contigs)
     known = GENBANK_SUFFIXES + GFF_SUFFIXES + PROTEIN_FASTA_SUFFIXES + NUCLEOTIDE_FASTA_SUFFIXES
     raise GenomeFormatError(f"{path}: unknown genome format {suffix!r} (known: {' '.join(known)}, optionally .gz)")
 
 
+def _contigs_of(read: GenomeRead, skipped: Callable[[SkippedCDS], None]) -> Iterator[Contig]:
+    for cds in read.skipped:
+        skipped(cds)
+    yield from read.contigs
+
+
 def _is_nucleotide_fasta(path: pathlib.Path) -> bool:
     """Whether the first sequence of a .fa/.fasta is nucleotides (else it is read as proteins)."""
-    first = fasta.read_fasta(path, protein=False)[0]
+    first = next(fasta.iter_fasta(path, protein=False))
     return set(first.sequence) <= NUCLEOTIDE_LETTERS
 
 
@@ -206,8 +279,13 @@ def read_genbank(path: str | pathlib.Path, unknown: str = "error") -> GenomeRead
 
     CDS flagged /pseudo or /pseudogene, or without /translation, are skipped and reported. Gene ids:
     /protein_id, else /locus_tag, else the first /db_xref, else `<record>_cds<ordinal>`."""
-    path = pathlib.Path(path)
     result = GenomeRead()
+    result.contigs = list(_genbank_contigs(pathlib.Path(path), unknown, result.skipped.append))
+    return result
+
+
+def _genbank_contigs(path: pathlib.Path, unknown: str, skipped: Callable[[SkippedCDS], None]) -> Iterator[Contig]:
+    """`read_genbank`, one record at a time."""
     ordinal = 0  # CDS ordinal over the whole file, as row-wise tables (operon.annot) count them
     for record in _records(path, "genbank"):
         genes = []
@@ -223,14 +301,13 @@ def read_genbank(path: str | pathlib.Path, unknown: str = "error") -> GenomeRead
                       "no translation" if "translation" not in q else
                       "no strand" if feature.location.strand not in (1, -1) else None)
             if reason:
-                result.skipped.append(SkippedCDS(path.name, record.id, ordinal, gene_id, str(feature.location), reason))
+                skipped(SkippedCDS(path.name, record.id, ordinal, gene_id, str(feature.location), reason))
                 continue
             where = f"{path}: record {record.id!r} CDS {gene_id!r}"
             genes.append(Gene(gene_id, fasta.clean_protein(q["translation"][0], where, unknown), int(feature.location.strand),
                               int(feature.location.start) + 1, int(feature.location.end), record.id, ordinal,
                               _genbank_labels(q)))
-        result.contigs.append(Contig(record.id, path.name, _sorted_genes(genes)))
-    return result
+        yield Contig(record.id, path.name, _sorted_genes(genes))
 
 
 # --- GFF3 ------------------------------------------------------------------------------------
@@ -355,8 +432,13 @@ def read_gff3(path: str | pathlib.Path) -> GenomeRead:
 def read_contig_table(path: str | pathlib.Path) -> list[tuple[str, list[tuple[int, str]]]]:
     """`contig<TAB>+id;-id;...` lines -> [(contig, [(strand, id), ...])] (the original's
     contig_to_prots.tsv; a missing trailing newline is fine)."""
+    return [(contig, entries) for _, contig, entries in iter_contig_table(path)]
+
+
+def iter_contig_table(path: str | pathlib.Path) -> Iterator[tuple[int, str, list[tuple[int, str]]]]:
+    """`read_contig_table` one line at a time -> (line number, contig, [(strand, id), ...])."""
     path = pathlib.Path(path)
-    contigs = []
+    count = 0
     with _open_text(path) as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -365,25 +447,50 @@ def read_contig_table(path: str | pathlib.Path) -> list[tuple[str, list[tuple[in
             tokens = fields[1].split(";") if len(fields) == 2 else []
             if not tokens or any(len(t) < 2 or t[0] not in "+-" for t in tokens):
                 raise GenomeFormatError(f"{path}: line {number}: expected contig<TAB>+id;-id;..., got {line.strip()[:80]!r}")
-            contigs.append((fields[0], [(1 if t[0] == "+" else -1, t[1:]) for t in tokens]))
-    if not contigs:
+            count += 1
+            yield number, fields[0], [(1 if t[0] == "+" else -1, t[1:]) for t in tokens]
+    if not count:
         raise GenomeFormatError(f"{path}: empty contig table")
-    return contigs
 
 
 def read_protein_fasta(path: str | pathlib.Path, contig_table: str | pathlib.Path, unknown: str = "error") -> GenomeRead:
     """Protein FASTA + contig table: genes in table order with the table's orientation."""
-    path = pathlib.Path(path)
-    proteins = {record.id: record.sequence for record in fasta.read_fasta(path, unknown=unknown)}
-    result = GenomeRead()
-    for contig, entries in read_contig_table(contig_table):
-        missing = [pid for _, pid in entries if pid not in proteins]
+    return GenomeRead(list(_protein_fasta_contigs(pathlib.Path(path), pathlib.Path(contig_table), unknown)))
+
+
+class _ProteinLookup:
+    """Proteins of a FASTA by id, read as far ahead as the contig table needs: records read past
+    wait in `pending` until their contig comes (nothing waits when both list the proteins in the
+    same order). An id asked for twice (a protein on two contigs) is found by a rescan of the file."""
+
+    def __init__(self, path: pathlib.Path, unknown: str):
+        self.path, self.unknown = path, unknown
+        self.records = fasta.iter_fasta(path, unknown=unknown)
+        self.pending: dict[str, str] = {}
+        self.ids = id_hashes.SeenHashes()
+
+    def get(self, protein_id: str) -> str | None:
+        if protein_id in self.pending:
+            return self.pending.pop(protein_id)
+        for record in self.records:
+            if self.ids.add(record.id) is not None:
+                raise fasta.FastaError(f"{self.path}: record {record.id!r} (line {record.line}): duplicate id")
+            if record.id == protein_id:
+                return record.sequence
+            self.pending[record.id] = record.sequence
+        return next((r.sequence for r in fasta.iter_fasta(self.path, unknown=self.unknown) if r.id == protein_id), None)
+
+
+def _protein_fasta_contigs(path: pathlib.Path, contig_table: pathlib.Path, unknown: str) -> Iterator[Contig]:
+    proteins = _ProteinLookup(path, unknown)
+    for number, contig, entries in iter_contig_table(contig_table):
+        sequences = [proteins.get(pid) for _, pid in entries]
+        missing = [pid for (_, pid), sequence in zip(entries, sequences) if sequence is None]
         if missing:
-            raise GenomeFormatError(f"{contig_table}: contig {contig!r} lists proteins not in {path}: {missing[:5]}")
-        genes = tuple(Gene(pid, proteins[pid], strand, None, None, contig, i)
-                      for i, (strand, pid) in enumerate(entries, 1))
-        result.contigs.append(Contig(contig, path.name, genes))
-    return result
+            raise GenomeFormatError(f"{contig_table}: line {number}: contig {contig!r} lists proteins not in "
+                                    f"{path}: {missing[:5]}")
+        yield Contig(contig, path.name, tuple(Gene(pid, sequence, strand, None, None, contig, i)
+                                              for i, ((strand, pid), sequence) in enumerate(zip(entries, sequences), 1)))
 
 
 # --- nucleotide FASTA via pyrodigal -----------------------------------------------------------

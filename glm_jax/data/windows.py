@@ -2,14 +2,14 @@
 
 Default = the original's rule (`contigs_to_prots` in gLM's glm_utils.py): a contig of n genes is
 cut into consecutive segments of `size` (30) genes, the last holding the remainder, and a segment
-is kept only if it has more than size/2 genes (>= 16 of 30). Options: `stride` < `size` gives
+is kept only if it has more than size/2 genes (>= 16 of 30). `iter_windows` cuts one contig at a time (streaming); `contig_windows` a list of them. Options: `stride` < `size` gives
 overlapping windows (the last window of a contig is the first one that reaches its end), and
 `min_genes` replaces the size/2 rule. Short segments are counted and reported, not dropped silently.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Iterable, Iterator
 
 from glm_jax.data.genomes import Contig, Gene
 from glm_jax.errors import InputError
@@ -56,12 +56,16 @@ class WindowReport:
     genes_in_windows: int = 0
     short_segments: int = 0        # segments below the minimum, dropped
     genes_not_covered: int = 0     # genes in no kept window
-    contigs_without_window: list[str] = dataclasses.field(default_factory=list)
+    contigs_without_window: list[str] = dataclasses.field(default_factory=list)  # the first EXAMPLES of them
+    num_contigs_without_window: int = 0
+
+    EXAMPLES = 20
 
     def summary(self) -> dict:
         out = dataclasses.asdict(self)
-        out["contigs_without_window"] = len(self.contigs_without_window)
-        out["contigs_without_window_examples"] = self.contigs_without_window[:20]
+        del out["num_contigs_without_window"]
+        out["contigs_without_window"] = self.num_contigs_without_window
+        out["contigs_without_window_examples"] = self.contigs_without_window[:self.EXAMPLES]
         return out
 
 
@@ -78,21 +82,29 @@ def segment_bounds(num_genes: int, config: WindowConfig) -> list[tuple[int, int]
     return [(a, b) for a, b in bounds if b > a]
 
 
-def contig_windows(contigs: Sequence[Contig], config: WindowConfig = WindowConfig()) -> tuple[list[Window], WindowReport]:
+def contig_windows(contigs: Iterable[Contig], config: WindowConfig = WindowConfig()) -> tuple[list[Window], WindowReport]:
     """Windows of every contig in input order, and what was dropped as too short."""
-    windows, report = [], WindowReport(contigs=len(contigs))
-    for contig in contigs:
-        covered = set()
-        kept_before = len(windows)
-        for index, (start, stop) in enumerate(segment_bounds(len(contig.genes), config)):
-            if stop - start < config.minimum:
-                report.short_segments += 1
-                continue
-            windows.append(Window(contig.source, contig.id, index, start, contig.genes[start:stop]))
-            covered.update(range(start, stop))
-        report.genes_not_covered += len(contig.genes) - len(covered)
-        if len(windows) == kept_before:
-            report.contigs_without_window.append(f"{contig.source}:{contig.id} ({len(contig.genes)} genes)")
-    report.windows = len(windows)
-    report.genes_in_windows = sum(len(w.genes) for w in windows)
+    report = WindowReport()
+    windows = [w for contig in contigs for w in iter_windows(contig, config, report)]
     return windows, report
+
+
+def iter_windows(contig: Contig, config: WindowConfig, report: WindowReport) -> Iterator[Window]:
+    """The kept windows of one contig, in order; counts them and what was dropped into `report`."""
+    covered = set()
+    report.contigs += 1
+    kept = 0
+    for index, (start, stop) in enumerate(segment_bounds(len(contig.genes), config)):
+        if stop - start < config.minimum:
+            report.short_segments += 1
+            continue
+        kept += 1
+        report.windows += 1
+        report.genes_in_windows += stop - start
+        covered.update(range(start, stop))
+        yield Window(contig.source, contig.id, index, start, contig.genes[start:stop])
+    report.genes_not_covered += len(contig.genes) - len(covered)
+    if not kept:
+        report.num_contigs_without_window += 1
+        if len(report.contigs_without_window) < report.EXAMPLES:
+            report.contigs_without_window.append(f"{contig.source}:{contig.id} ({len(contig.genes)} genes)")
