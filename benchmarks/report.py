@@ -1,18 +1,22 @@
-"""Results (JSON lines) -> the README's Performance tables and benchmarks/plots/*.png.
+"""Results (JSON lines) -> the generated tables of README.md and docs/performance.md, and the
+figures in docs/img/benchmarks/*.png.
 
-    python benchmarks/run.py report [--results FILE.jsonl] [--readme README.md] [--check]
+    python benchmarks/run.py report [--results FILE.jsonl] [--page FILE.md ...] [--check]
 
-Each table lives in README.md between `<!-- perf:NAME:begin -->` and `<!-- perf:NAME:end -->`
-(NAME: one per case in CASE_TABLES, and `scaling`, the analytic scaling table of
-benchmarks/scaling_table.py). Of several records of one measurement -- same case, config, impl,
-dtype, batch, shapes and device -- the latest wins, and a command rerun at a newer commit replaces
-all rows of its earlier commits. Tables are grouped by device; each group names
-the device, the versions and the commands that produced it. `--check` rewrites nothing and exits
-1 when README.md differs from what the results give.
+Each table lives in one of the pages (default: PAGES) between `<!-- perf:NAME:begin -->` and
+`<!-- perf:NAME:end -->`. NAME is a key of BLOCKS: one per case in RESULT_TABLES (a table of that
+case's records), `scaling` (the analytic table of benchmarks/scaling_table.py) and `headline` (a
+few rows picked by HEADLINE for the README). To add a block, add its builder to BLOCKS and its
+markers to a page. Of several records of one measurement -- same case, config, impl, dtype, batch,
+shapes and device -- the latest wins, and a command rerun at a newer commit replaces all rows of
+its earlier commits. Tables are grouped by device; each group names the device, the versions and
+the commands that produced it. `--check` rewrites nothing and exits 1 when a page differs from
+what the results give.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -23,10 +27,10 @@ from collections import defaultdict
 
 from benchmarks.recorder import DEFAULT_RESULTS, REPO
 
-PLOTS = REPO / "benchmarks" / "plots"
+PLOTS = REPO / "docs" / "img" / "benchmarks"
 README = REPO / "README.md"
+PAGES = (README, REPO / "docs" / "performance.md")  # the pages whose blocks `report` writes
 RESULT_TABLES = ("train_step", "forward", "esm2", "input_pipeline", "attention")
-BLOCKS = RESULT_TABLES + ("scaling",)
 # shapes entries shown in a table's "sizes" column (None: all of them)
 SHOWN_SHAPES = {"train_step": (), "forward": (), "esm2": ("length", "proteins"), "input_pipeline": ("windows",),
                 "attention": ("genes", "heads", "head_dim", "pass")}
@@ -48,7 +52,7 @@ class ResultsError(ValueError):
 
 
 class ReadmeError(ValueError):
-    """README.md lacks a table's markers."""
+    """No page holds a block's markers."""
 
 
 def marker(name: str, edge: str) -> str:
@@ -243,15 +247,18 @@ def by_device(records: list[dict]) -> dict[str, list[dict]]:
     return dict(sorted(groups.items()))
 
 
-def case_block(case: str, records: list[dict]) -> str:
+def case_block(case: str, records: list[dict], page_dir: pathlib.Path = REPO,
+               plots: pathlib.Path = PLOTS) -> str:
+    """The `case` table of the latest `records`, one per device, with its figure linked relative
+    to the page's folder `page_dir`."""
     mine = [r for r in records if r.get("case") == case]
     if not mine:
         return f"_No `{case}` measurements in the results yet: `python benchmarks/run.py {case}`._"
     parts = []
     for device, group in by_device(mine).items():
         parts += [device_caption(group), "", markdown_table(case, group), ""]
-        for plot in plot_files(case, device, group):
-            parts += [f"![{case} on {device}](benchmarks/plots/{plot.name})", ""]
+        for plot in plot_files(case, device, group, plots):
+            parts += [f"![{case} on {device}]({os.path.relpath(plot, page_dir)})", ""]
     return "\n".join(parts).rstrip()
 
 
@@ -261,12 +268,118 @@ def scaling_block() -> str:
     return scaling_table.markdown()
 
 
-def blocks(records: list[dict]) -> dict[str, str]:
-    current = latest(records)
-    return {**{case: case_block(case, current) for case in RESULT_TABLES}, "scaling": scaling_block()}
+# --- the README's headline rows -----------------------------------------------------------------
+
+def _pick(records: list[dict], case: str, **fields) -> dict | None:
+    """The record of `case` whose fields (and shapes entries, as `shapes_KEY`) equal `fields`;
+    with several, the one of the largest batch."""
+    def matches(record):
+        shapes = record.get("shapes") or {}
+        return all((shapes.get(k[len("shapes_"):]) if k.startswith("shapes_") else record.get(k)) == v
+                   for k, v in fields.items())
+    found = [r for r in records if r.get("case") == case and matches(r)]
+    return max(found, key=lambda r: r.get("batch") or 0) if found else None
 
 
-def render_readme(text: str, contents: dict[str, str], where: str = "README.md") -> str:
+def _parity(records):
+    r = _pick(records, "forward", config="base", impl="jax", dtype="float32")
+    diff = ((r or {}).get("extra") or {}).get("max_abs_diff_vs_torch")
+    return r, (None if diff is None else
+               f"largest difference of the last hidden state from the PyTorch reference gLM: {diff:.1e} "
+               f"(float32, same random weights, {r.get('batch')} windows of 30 genes)")
+
+
+def _train_step(dtype: str):
+    def row(records):
+        r = _pick(records, "train_step", config="base", impl="jax", dtype=dtype)
+        if not r or r.get("status", "ok") != "ok":
+            return r, None
+        mfu = r.get("mfu_datasheet") if r.get("mfu_datasheet") is not None else r.get("mfu_measured_peak")
+        kind = "of the bf16 data-sheet peak" if r.get("mfu_datasheet") is not None else "of the measured matmul rate"
+        return r, (f"{fmt_number(r.get('items_per_s'))} {r.get('items_unit')} at batch {r.get('batch')}, "
+                   f"MFU {fmt_percent(mfu)} {kind}, {baseline_cell(r) or 'no baseline'}")
+    return row
+
+
+def _long_contig(records):
+    """`blockwise` at the longest contig it ran (float32 forward+backward first), and `reference` there."""
+    def at(record, length, impl):
+        return (record.get("case") == "attention" and record.get("impl") == impl
+                and contig_length(record) == length)
+    ok = [r for r in records if r.get("case") == "attention" and r.get("impl") == "blockwise"
+          and r.get("status", "ok") == "ok" and contig_length(r) is not None]
+    if not ok:
+        return None, None
+    length = max(contig_length(r) for r in ok)
+    r = max((r for r in ok if contig_length(r) == length),
+            key=lambda r: (r.get("dtype") == "float32", (r.get("shapes") or {}).get("pass") == "forward_backward"))
+    step = str((r.get("shapes") or {}).get("pass") or "call").replace("_", "+")
+    ref = next((x for x in records if at(x, length, "reference") and x.get("dtype") == r.get("dtype")
+                and (x.get("shapes") or {}).get("pass") == (r.get("shapes") or {}).get("pass")), None)
+    ref_text = ("" if not ref else f"; `reference`: {fmt_bytes(memory_bytes(ref))}" if ref.get("status", "ok") == "ok"
+                else f"; `reference`: {ref.get('status')} ({ref.get('reason')})")
+    return r, (f"`blockwise` attention, one layer's {step} on {length:,}-gene contigs ({r.get('dtype')}): "
+               f"peak {fmt_bytes(memory_bytes(r))}{ref_text}")
+
+
+def _esm2_stage(records):
+    r = _pick(records, "esm2", impl="jax", dtype="float32", shapes_length="stage")
+    if not r or r.get("status", "ok") != "ok":
+        return r, None
+    proteins = (r.get("shapes") or {}).get("proteins")
+    return r, (f"the main job's ESM2-8M stage: {proteins:,} proteins in {fmt_seconds(r.get('median_s'))} "
+               f"({fmt_number(r.get('items_per_s'))} {r.get('items_unit')}, float32, cold, compilation included)")
+
+
+def _input_pipeline(records):
+    r = _pick(records, "input_pipeline", impl="ShardReader")
+    if not r or r.get("status", "ok") != "ok":
+        return r, None
+    return r, (f"TFRecord `ShardReader`: {fmt_number(r.get('items_per_s'))} {r.get('items_unit')} at gLM-base "
+               f"width, {baseline_cell(r)}")
+
+
+# (what, row builder: records -> (record, text or None)); a row without a measurement says so
+HEADLINE = (
+    ("parity with the original", _parity),
+    ("training step, gLM-base float32", _train_step("float32")),
+    ("training step, gLM-base bfloat16", _train_step("bfloat16")),
+    ("attention memory, long contigs", _long_contig),
+    ("protein embeddings (ESM2-8M)", _esm2_stage),
+    ("input pipeline", _input_pipeline),
+)
+
+
+def device_cell(record: dict) -> str:
+    threads = f", {record['cpu_count']} threads" if record.get("platform") == "cpu" and record.get("cpu_count") else ""
+    return f"{record.get('device')} ({record.get('platform')}{threads})"
+
+
+def headline_block(records: list[dict]) -> str:
+    lines = ["| what | measured | device | reproduce |", "|---|---|---|---|"]
+    for what, build in HEADLINE:
+        record, text = build(records)
+        if text is None:
+            lines.append(f"| {what} | not measured yet | | |")
+        else:
+            lines.append(f"| {what} | {text} | {device_cell(record)} | `{record.get('command') or '?'}` |")
+    return "\n".join(lines)
+
+
+# name -> builder(latest records, page folder, plots folder) -> Markdown between the markers
+BLOCKS = {
+    **{case: functools.partial(case_block, case) for case in RESULT_TABLES},
+    "scaling": lambda records, page_dir, plots: scaling_block(),
+    "headline": lambda records, page_dir, plots: headline_block(records),
+}
+
+
+def blocks_in(text: str) -> list[str]:
+    """The names of BLOCKS whose markers `text` holds."""
+    return [name for name in BLOCKS if marker(name, "begin") in text and marker(name, "end") in text]
+
+
+def render_page(text: str, contents: dict[str, str], where: str = "README.md") -> str:
     """`text` with each block between its markers replaced by `contents[name]`."""
     for name, content in contents.items():
         begin, end = marker(name, "begin"), marker(name, "end")
@@ -275,6 +388,22 @@ def render_readme(text: str, contents: dict[str, str], where: str = "README.md")
         start, stop = text.index(begin) + len(begin), text.index(end)
         text = text[:start] + "\n" + content + "\n" + text[stop:]
     return text
+
+
+render_readme = render_page  # the earlier name
+
+
+def render_pages(pages: list[pathlib.Path], records: list[dict], plots: pathlib.Path = PLOTS) -> dict:
+    """{page: (text now, text the results give)}; every block of BLOCKS must be in some page."""
+    current = latest(records)
+    texts = {page: page.read_text() for page in pages}
+    missing = [name for name in BLOCKS if not any(name in blocks_in(text) for text in texts.values())]
+    if missing:
+        raise ReadmeError(f"markers {marker(missing[0], 'begin')} ... {marker(missing[0], 'end')} not found in "
+                          f"{', '.join(str(p) for p in pages)}")
+    return {page: (text, render_page(text, {name: BLOCKS[name](current, page.parent, plots)
+                                            for name in blocks_in(text)}, str(page)))
+            for page, text in texts.items()}
 
 
 # --- plots --------------------------------------------------------------------------------------
@@ -306,12 +435,12 @@ def plot_series(case: str, records: list[dict]) -> dict[str, list[tuple]]:
     return {label: sorted(points) for label, points in sorted(series.items())}
 
 
-def plot_files(case: str, device: str, records: list[dict]) -> list[pathlib.Path]:
+def plot_files(case: str, device: str, records: list[dict], plots: pathlib.Path = PLOTS) -> list[pathlib.Path]:
     """The figure(s) `write_plots` draws for these records (none when there is nothing to plot)."""
     names = {"train_step": "mfu_vs_batch", "attention": "time_memory_vs_length", "esm2": "proteins_per_s_vs_length"}
     if case not in names or not plot_series(case, records):
         return []
-    return [PLOTS / f"{case}_{names[case]}_{slug(device)}.png"]
+    return [plots / f"{case}_{names[case]}_{slug(device)}.png"]
 
 
 def write_plots(records: list[dict], out_dir: pathlib.Path = PLOTS) -> list[pathlib.Path]:
@@ -324,7 +453,7 @@ def write_plots(records: list[dict], out_dir: pathlib.Path = PLOTS) -> list[path
     current = latest(records)
     for case in ("train_step", "attention", "esm2"):
         for device, group in by_device([r for r in current if r.get("case") == case]).items():
-            files = plot_files(case, device, group)
+            files = plot_files(case, device, group, out_dir)
             if not files:
                 continue
             series = plot_series(case, group)
@@ -373,32 +502,35 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="run.py report", description=__doc__.split("\n")[0])
     parser.add_argument("--results", type=pathlib.Path, default=None,
                         help=f"JSON-lines results (default: {DEFAULT_RESULTS.relative_to(REPO)})")
-    parser.add_argument("--readme", type=pathlib.Path, default=README)
+    parser.add_argument("--page", "--readme", dest="pages", type=pathlib.Path, action="append", default=None,
+                        help="a Markdown page holding blocks (repeatable; default: "
+                             f"{', '.join(str(p.relative_to(REPO)) for p in PAGES)})")
     parser.add_argument("--plots", type=pathlib.Path, default=PLOTS, help="folder the PNG figures go to")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README's tables are not the results'")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page's tables are not the results'")
     args = parser.parse_args(argv)
     results = args.results or DEFAULT_RESULTS
+    pages = args.pages or list(PAGES)
     try:
         if args.results is not None and not results.is_file():
             raise FileNotFoundError(f"results file not found: {results}")
         records = load_results(results) if results.is_file() else []
-        text = args.readme.read_text()
-        rendered = render_readme(text, blocks(records), str(args.readme))
+        rendered = render_pages(pages, records, args.plots)
     except (OSError, ValueError) as error:
         print(f"run.py report: error: {error}", file=sys.stderr)
         return 2
+    stale = {page: [name for name in blocks_in(text) if _block(text, name) != _block(new, name)]
+             for page, (text, new) in rendered.items() if new != text}
     if args.check:
-        if rendered == text:
-            return 0
-        stale = [name for name in BLOCKS if _block(text, name) != _block(rendered, name)]
-        print(f"run.py report: {args.readme} is stale in {', '.join(stale)}: run `python benchmarks/run.py report"
-              f"{' --results ' + str(args.results) if args.results else ''}`", file=sys.stderr)
-        return 1
-    if rendered != text:
-        write_atomic(args.readme, rendered)
+        for page, names in stale.items():
+            print(f"run.py report: {page} is stale in {', '.join(names)}: run `python benchmarks/run.py report"
+                  f"{' --results ' + str(args.results) if args.results else ''}`", file=sys.stderr)
+        return 1 if stale else 0
+    for page in stale:
+        write_atomic(page, rendered[page][1])
     for path in write_plots(records, args.plots):
         print(f"wrote {path}")
-    print(f"{args.readme}: {len(BLOCKS)} tables from {len(records)} records in {results}")
+    for page, (text, _) in rendered.items():
+        print(f"{page}: {len(blocks_in(text))} blocks from {len(records)} records in {results}")
     return 0
 
 

@@ -7,8 +7,9 @@
 Cases (one module each in benchmarks/cases/, exporting `add_arguments(parser)` and
 `run(args, recorder)`): see CASES. Every measurement is appended as one JSON line to --output
 (default benchmarks/results/results.jsonl; schema in benchmarks/recorder.py). `report` rewrites
-the README's Performance tables (between `<!-- perf:NAME:begin/end -->` markers) and the plots in
-benchmarks/plots/ from the latest record of each measurement; `--check` only compares.
+the generated tables of README.md and docs/performance.md (between `<!-- perf:NAME:begin/end -->`
+markers) and the figures in docs/img/benchmarks/ from the latest record of each measurement;
+`--check` only compares.
 """
 from __future__ import annotations
 

@@ -148,7 +148,7 @@ def test_report_writes_tables_and_plots(tmp_path):
     results = write_results(tmp_path / "results.jsonl", SYNTHETIC)
     readme = readme_with_markers(tmp_path / "README.md")
     plots = tmp_path / "plots"
-    assert report.main(["--results", str(results), "--readme", str(readme), "--plots", str(plots)]) == 0
+    assert report.main(["--results", str(results), "--page", str(readme), "--plots", str(plots)]) == 0
     text = readme.read_text()
     train = report._block(text, "train_step")
     assert "**Test CPU 9000** (cpu, 2 CPU threads; jax 0.10.2, torch 2.13" in train
@@ -172,16 +172,21 @@ def test_report_writes_tables_and_plots(tmp_path):
                        "esm2_proteins_per_s_vs_length_test-cpu-9000.png",
                        "train_step_mfu_vs_batch_test-cpu-9000.png"]
     assert all((plots / name).read_bytes().startswith(PNG_MAGIC) for name in written)
-    assert "](benchmarks/plots/train_step_mfu_vs_batch_test-cpu-9000.png)" in train
+    assert "](plots/train_step_mfu_vs_batch_test-cpu-9000.png)" in train  # relative to the page
+    headline = report._block(text, "headline")
+    assert "| training step, gLM-base float32 | 2.67 contigs/s at batch 32, MFU 41.0% of the measured matmul rate, " \
+           "no baseline | Test CPU 9000 (cpu, 2 threads) | `python benchmarks/run.py train_step` |" in headline
+    assert "on 2,048-gene contigs (float32): peak 3 GiB |" in headline
+    assert "| parity with the original | not measured yet |" in headline
     assert report.plot_series("train_step", report.latest(SYNTHETIC)) == {
         "base/jax float32": [(8, 0.3125), (32, 0.41)]}
 
     # --check: clean now; a newer record makes the README stale, and --check leaves it alone
-    assert report.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
+    assert report.main(["--results", str(results), "--page", str(readme), "--plots", str(plots), "--check"]) == 0
     newer = result(case="forward", config="base", impl="jax", dtype="float32", batch=32, median_s=1.0,
                    items_per_s=32.0, items_unit="contigs/s", timestamp="2027-01-01T00:00:00+00:00")
     write_results(results, SYNTHETIC + [newer])
-    assert report.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
+    assert report.main(["--results", str(results), "--page", str(readme), "--plots", str(plots), "--check"]) == 1
     assert readme.read_text() == text
 
 
@@ -212,8 +217,28 @@ def test_report_errors_name_the_file(tmp_path, capsys):
     assert "perf:train_step:begin" in capsys.readouterr().err and readme.read_text() == "no markers here\n"
 
 
-def test_readme_is_what_the_committed_results_give():
-    assert report.main(["--check"]) == 0, "README Performance tables are stale: python benchmarks/run.py report"
+def test_blocks_may_sit_in_any_page_and_each_must_be_in_one(tmp_path, capsys):
+    """README.md holds the headline, another page the rest; a block in no page is an error."""
+    results = write_results(tmp_path / "results.jsonl", SYNTHETIC)
+    readme, perf = tmp_path / "README.md", tmp_path / "docs" / "performance.md"
+    perf.parent.mkdir()
+    readme.write_text(f"# R\n{report.marker('headline', 'begin')}\n{report.marker('headline', 'end')}\n")
+    perf.write_text("".join(f"{report.marker(n, 'begin')}\n{report.marker(n, 'end')}\n"
+                            for n in report.BLOCKS if n != "headline"))
+    pages = ["--page", str(readme), "--page", str(perf)]
+    assert report.main(["--results", str(results), *pages, "--plots", str(tmp_path / "docs" / "img")]) == 0
+    assert "| training step, gLM-base float32 |" in readme.read_text()
+    assert "](img/train_step_mfu_vs_batch_test-cpu-9000.png)" in perf.read_text()
+    assert report.main(["--results", str(results), *pages, "--plots", str(tmp_path / "docs" / "img"), "--check"]) == 0
+    perf.write_text(perf.read_text().replace(report.marker("scaling", "end"), "").replace(
+        report.marker("scaling", "begin"), ""))
+    assert report.main(["--results", str(results), *pages, "--check"]) == 2
+    assert "perf:scaling:begin" in capsys.readouterr().err
+
+
+def test_pages_are_what_the_committed_results_give():
+    """README.md's headline and docs/performance.md's tables (`python benchmarks/run.py report --check`)."""
+    assert report.main(["--check"]) == 0, "generated tables are stale: python benchmarks/run.py report"
 
 
 # --- harness and cases --------------------------------------------------------------------------
