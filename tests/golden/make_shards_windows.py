@@ -1,7 +1,10 @@
 """Writes tests/golden/make_shards_windows.json: what `make-shards` writes for the shipped genomes,
 window by window, recorded with the code before streaming make-shards (commit 078db96).
 
-Run from the repository root: `python tests/golden/make_shards_windows.py`. The embeddings are a
+Run with the old code first on the path, from outside the repository (else the checkout's
+glm_jax wins):
+    git archive 078db96 glm_jax | tar -x -C /tmp/old
+    cd /tmp && PYTHONPATH=/tmp/old python /path/to/glm-jax/tests/golden/make_shards_windows.py The embeddings are a
 deterministic hash of each sequence (no model), the normalisation a fixed seeded one, so every
 field of every record is reproducible; the fitted normalisation is recorded too (golden npz).
 tests/test_make_shards_stream.py holds the digest rule (`window_digests`) and compares.
