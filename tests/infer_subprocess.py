@@ -9,18 +9,18 @@ import os
 import signal
 import sys
 
-from glm_jax.inference import genome
+from glm_jax.inference import genome, tables
 
 if __name__ == "__main__":
     kill_at, genome_path, checkpoint, output, store, esm2_dir = sys.argv[1:]
-    write_whole_chunk = genome.write_chunk
+    write_whole_chunk = tables.write_chunk
 
     def write_chunk_or_die(out_dir, chunk, result):
         if chunk == int(kill_at):
-            genome._write_table(genome._part(out_dir, "pairs", chunk), result["pairs"])
+            tables.write_table(tables.part(out_dir, "pairs", chunk), result["pairs"])
             os.kill(os.getpid(), signal.SIGKILL)
         write_whole_chunk(out_dir, chunk, result)
 
-    genome.write_chunk = write_chunk_or_die
+    tables.write_chunk = write_chunk_or_die
     genome.infer_genomes([genome_path], checkpoint, output, store_dir=store, esm2_dir=esm2_dir, batch_size=8,
                          attention="pairs", chunk_windows=1, progress=False)

@@ -21,7 +21,7 @@ from Bio.SeqFeature import FeatureLocation, SeqFeature
 
 from glm_jax.cli import main as cli
 from glm_jax.data import features
-from glm_jax.inference import genome
+from glm_jax.inference import genome, inputs
 from glm_jax.inference.predict import forward
 from glm_jax.model import checkpoint
 from glm_jax.model.glm import GLMConfig, create_model
@@ -284,6 +284,6 @@ def test_training_workdir_finds_its_features_and_esm2(setup, tmp_path):
     transform, source, info = genome.resolve_features(workdir, None)
     assert source == str(dataset / "normalization.npz") and info["esm2"]["layer"] == 2
     np.testing.assert_array_equal(transform.pca_components, setup["transform"].pca_components)
-    assert genome._default_esm2_dir(info) == setup["esm2"]
+    assert inputs.default_esm2_dir(info) == setup["esm2"]
     with pytest.raises(genome.InferenceInputError, match="--features"):
         genome.resolve_features(tmp_path / "runs", None)
