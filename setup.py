@@ -39,6 +39,8 @@ setup(
         "torch": ["torch>=2.2"],
         "genecall": ["pyrodigal>=3.0"],
         "test": ["pytest>=8", "torch>=2.2", "scikit-learn>=1.3", "pyrodigal>=3.0"],
+        # the documentation site (mkdocs.yml; `mkdocs build --strict` runs in tests/test_docs.py)
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     entry_points={"console_scripts": ["glm-jax=glm_jax.cli.main:main"]},
 )
