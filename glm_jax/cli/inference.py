@@ -102,8 +102,10 @@ def infer_main(argv: list[str]) -> int:
                         help="add the raw mean-pooled ESM2 embedding of each gene (column esm2)")
     common.add_attention_arguments(parser, "--attention-impl", "reference", "reference")
     common.add_progress_argument(parser)
+    common.add_distributed_arguments(parser)
     args = parser.parse_args(argv)
     common.output_dir(args.output)
+    common.start_distributed(args)
     transform = args.features
     if args.normalization:
         if args.features:

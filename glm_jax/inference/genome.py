@@ -52,6 +52,7 @@ from typing import Callable, Sequence
 import jax
 
 from glm_jax import distributed
+from glm_jax.data import genomes
 from glm_jax.inference import inputs, plan, run, tables
 from glm_jax.inference.inputs import resolve_features, training_data_dir  # noqa: F401  (public names)
 from glm_jax.inference.options import ATTENTION_MODES, InferenceInputError, InferenceOptions  # noqa: F401
@@ -158,16 +159,23 @@ def _genomes_input(genome_paths, contig_table, checkpoint, config, options: Infe
         raise InferenceInputError(f"{feature_source}: {transform.num_pc - 1} PCA components + orientation "
                                   f"!= the checkpoint's num_pc {config.num_pc} ({checkpoint})")
 
-    def source(skipped=None):
-        return plan.genome_windows(inputs.read_contigs(genome_paths, contig_table, skipped), options.window,
+    def source(report=None):
+        return plan.genome_windows(inputs.read_contigs(genome_paths, contig_table, report), options.window,
                                    options.step)
 
     primary = jax.process_index() == 0
-    skipped = collections.Counter()
+    report, genes_by_file = genomes.ReadReport(), collections.Counter()
     proteins = inputs.DistinctProteins() if primary else None
-    survey = plan.survey(source(skipped), options.chunk_windows, proteins.add if primary else None)
+
+    def on_contig(contig):
+        genes_by_file[contig.source] += len(contig.genes)
+        if proteins is not None:
+            proteins.add(contig)
+
+    survey = plan.survey(source(report), options.chunk_windows, on_contig)
+    inputs.check_every_file_has_genes(genome_paths, genes_by_file)
     log(f"read {survey.genes} genes on {survey.contigs} contigs from {len(genome_paths)} file(s); "
-        f"skipped {sum(skipped.values())} CDS {dict(skipped)}")
+        f"skipped {report.skipped_cds} CDS {dict(report.skipped_by_reason)}")
     if primary:
         store = inputs.embed_distinct(proteins, esm2_dir, store_dir, info, progress, log)
         del proteins

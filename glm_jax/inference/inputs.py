@@ -2,7 +2,6 @@
 the ESM2 embedding store, and the checkpoint's training features applied to each chunk's windows."""
 from __future__ import annotations
 
-import collections
 import json
 import pathlib
 from typing import Iterator, Sequence
@@ -17,19 +16,20 @@ from glm_jax.inference.plan import PlannedWindow
 # --- contigs and proteins ------------------------------------------------------------------------
 
 def read_contigs(genome_paths: Sequence[str | pathlib.Path], contig_table=None,
-                 skipped: collections.Counter | None = None) -> Iterator[genomes.Contig]:
-    """The contigs with genes of every file, in input order, one file in memory at a time
-    (`skipped` counts the CDS left out, by reason). A file without a single protein-coding gene
-    is an error."""
+                 report: genomes.ReadReport | None = None) -> Iterator[genomes.Contig]:
+    """The contigs with genes of every file, one record at a time, in input order
+    (`genomes.iter_contigs`: a contig id repeated across inputs is an error; `report` counts what
+    was read and skipped)."""
+    for contig in genomes.iter_contigs(genome_paths, contig_table, report=report):
+        if contig.genes:
+            yield contig
+
+
+def check_every_file_has_genes(genome_paths: Sequence[str | pathlib.Path], genes_by_file: dict[str, int]) -> None:
+    """A file without a single protein-coding gene is an error (`genes_by_file`: by file name)."""
     for path in genome_paths:
-        read = genomes.read_genome(path, contig_table=contig_table)
-        if read.num_genes == 0:
-            reasons = read.summary()["skipped_by_reason"]
-            detail = f" ({len(read.skipped)} CDS skipped: {reasons})" if read.skipped else ""
-            raise InferenceInputError(f"{path}: no CDS with a protein sequence{detail}; nothing to infer")
-        if skipped is not None:
-            skipped.update(s.reason for s in read.skipped)
-        yield from (contig for contig in read.contigs if contig.genes)
+        if not genes_by_file.get(pathlib.Path(path).name):
+            raise InferenceInputError(f"{path}: no CDS with a protein sequence; nothing to infer")
 
 
 class DistinctProteins:
