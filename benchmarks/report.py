@@ -30,6 +30,9 @@ from benchmarks.recorder import DEFAULT_RESULTS, REPO
 PLOTS = REPO / "docs" / "img" / "benchmarks"
 README = REPO / "README.md"
 PAGES = (README, REPO / "docs" / "performance.md")  # the pages whose blocks `report` writes
+# cases with a generated table: adding a case here (and, if wanted, its SHOWN_SHAPES / EXTRA_COLUMNS)
+# is all it takes, given its `<!-- perf:CASE:begin/end -->` markers in a page (docs/performance.md
+# already holds data_pipeline's)
 RESULT_TABLES = ("train_step", "forward", "esm2", "input_pipeline", "attention")
 # shapes entries shown in a table's "sizes" column (None: all of them)
 SHOWN_SHAPES = {"train_step": (), "forward": (), "esm2": ("length", "proteins"), "input_pipeline": ("windows",),
