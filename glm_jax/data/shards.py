@@ -1,9 +1,9 @@
 """TFRecord shards of contig windows, their tfds metadata, and resumable per-host batch readers.
 
 Layout of a dataset directory (written by `glm-jax make-shards`):
-    train-00000-of-00016.tfrecord ...    one tf.train.Example per window, windows spread over the
-    eval-00000-of-00008.tfrecord ...     shards round-robin after a seeded shuffle (each shard is a
-                                         random sample of its split)
+    train-00000-of-00016.tfrecord ...    one tf.train.Example per window; a window's shard is a hash
+    eval-00000-of-00008.tfrecord ...     of (seed, genome, window id), so each shard is a random
+                                         sample of its split, mixed by a bounded shuffle buffer
     dataset_info.json                    emb_dim, num_pc, max_genes, dtype, per-shard counts and
                                          bytes, normalisation, window and corpus summary
     normalization.npz                    the FeatureTransform used (fitted or copied)
@@ -87,29 +87,56 @@ def protein_hash(sequence: str) -> int:
 # --- writing ----------------------------------------------------------------------------------
 
 class ShardWriter:
-    """Writes one split: window j of the stream goes to shard j % num_shards.
+    """Writes one split's shards. Without `shard_of`, window j of the stream goes to shard
+    j % num_shards; `write(batch, shard_of)` sends window i of the batch to shard `shard_of[i]`.
+
+    `shards` (default: all) are the shard indices this writer owns (one host's share); a window
+    routed elsewhere is an error. `shuffle_buffer` > 0 holds up to that many serialized windows per
+    shard and writes a random one of them (seeded by `seed`, the split and the shard) each time the
+    buffer is full, the rest in random order at `close()`: a shard fed in genome order comes out
+    mixed within that window distance, in a fixed order, with memory bounded by the buffer.
 
     `write(batch)` takes arrays with a leading window axis [W, ...] holding every RECORD_KEYS
-    entry (strings as python/numpy bytes or str). `close()` returns the per-shard stats for
-    dataset_info.json. Use as a context manager."""
+    entry (strings as python/numpy bytes or str). `close()` returns the stats of the owned shards
+    for dataset_info.json. Use as a context manager."""
 
-    def __init__(self, out_dir: str | pathlib.Path, split: str, num_shards: int):
+    def __init__(self, out_dir: str | pathlib.Path, split: str, num_shards: int, *, shards: Sequence[int] | None = None,
+                 shuffle_buffer: int = 0, seed: int = 0):
         import tensorflow as tf  # lazy: only writing/reading TFRecords needs TensorFlow
         self._tf = tf
         self.out_dir = pathlib.Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.files = [self.out_dir / shard_name(split, i, num_shards) for i in range(num_shards)]
-        self._writers = [tf.io.TFRecordWriter(str(f)) for f in self.files]
-        self._counts = [0] * num_shards
+        self.num_shards = num_shards
+        self.shards = list(range(num_shards)) if shards is None else list(shards)
+        self.files = {i: self.out_dir / shard_name(split, i, num_shards) for i in self.shards}
+        self._writers = {i: tf.io.TFRecordWriter(str(f)) for i, f in self.files.items()}
+        self._counts = dict.fromkeys(self.shards, 0)
         self._next = 0
+        self._buffer_size = shuffle_buffer
+        self._buffers: dict[int, list[bytes]] = {i: [] for i in self.shards}
+        split_number = int.from_bytes(hashlib.sha256(split.encode()).digest()[:4], "little")
+        self._rngs = {i: np.random.default_rng([seed, split_number, i]) for i in self.shards}
 
-    def write(self, batch: dict) -> None:
+    def write(self, batch: dict, shard_of: Sequence[int] | None = None) -> None:
         n = len(batch["inputs_embeds"])
         for i in range(n):
-            shard = self._next % len(self._writers)
-            self._writers[shard].write(self._example(batch, i))
-            self._counts[shard] += 1
+            shard = self._next % self.num_shards if shard_of is None else int(shard_of[i])
+            if shard not in self._writers:
+                raise ValueError(f"window {i} routed to shard {shard}, not one of this writer's {self.shards}")
+            self._put(shard, self._example(batch, i))
             self._next += 1
+
+    def _put(self, shard: int, example: bytes) -> None:
+        self._counts[shard] += 1
+        if not self._buffer_size:
+            self._writers[shard].write(example)
+            return
+        buffer = self._buffers[shard]
+        buffer.append(example)
+        if len(buffer) >= self._buffer_size:
+            j = int(self._rngs[shard].integers(len(buffer)))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            self._writers[shard].write(buffer.pop())
 
     def _example(self, batch: dict, i: int) -> bytes:
         tf = self._tf
@@ -130,11 +157,16 @@ class ShardWriter:
         return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
     def close(self) -> list[dict]:
-        """Flushes the shards (idempotent) and returns their stats."""
-        for writer in self._writers:
+        """Writes what the shuffle buffers hold, flushes the shards (idempotent) and returns their stats."""
+        for shard, writer in self._writers.items():
+            buffer = self._buffers[shard]
+            for j in self._rngs[shard].permutation(len(buffer)):
+                writer.write(buffer[j])
+            self._buffers[shard] = []
             writer.close()
-        self._writers = []
-        return [{"file": f.name, "num_windows": c, "num_bytes": f.stat().st_size} for f, c in zip(self.files, self._counts)]
+        self._writers = {}
+        return [{"file": self.files[i].name, "num_windows": self._counts[i], "num_bytes": self.files[i].stat().st_size}
+                for i in self.shards]
 
     def __enter__(self):
         return self
