@@ -1,6 +1,6 @@
 """Performance defaults that depend on the platform, in one place.
 
-Each entry was chosen by a measurement on that platform (see README "Performance defaults");
+Each entry was chosen by a measurement on that platform (see docs/performance.md);
 a platform without a measurement keeps the value the code had before, except where the entry's
 comment says why not (`esm2_attention` on GPUs: cuDNN's fused kernel, not yet measured here).
 Values change speed only, never results beyond float32 summation order.

@@ -81,7 +81,7 @@ def infer_main(argv: list[str]) -> int:
     parser.add_argument("--shards", help="a make-shards directory instead of genome files (all splits)")
     parser.add_argument("--contig-table", help="contig<TAB>+id;-id;... table for protein FASTA inputs")
     parser.add_argument("--features", help="make-shards directory (or normalisation npz) of the model's training "
-                                           "features; default: the checkpoint's (see README)")
+                                           "features; default: the checkpoint's (see docs/inference.md)")
     parser.add_argument("--normalization", help="mean/std npz, e.g. the reference norm.npz (with --pca)")
     parser.add_argument("--pca", help="sklearn-style PCA npz for --normalization, e.g. the reference pca.npz")
     parser.add_argument("--esm2-model", dest="esm2_dir", help="ESM2 model directory (default: the one the training "

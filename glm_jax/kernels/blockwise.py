@@ -31,7 +31,7 @@ float32; `python benchmarks/run.py attention --lengths 30,128,512,2048 --dtypes 
 time of the reference / time: forward 1.53x at 512 genes, 2.48x at 2,048; forward+backward 0.94x at
 512, 1.02x at 2,048; forward+backward compiled memory 1.31 GB at 2,048 (reference 7.8 GB). At 8,192
 genes (batch 1) forward+backward takes 31 s in 1.31 GB, where the reference (104 GB) is skipped over
-the 8 GB cap. README "Performance" has the table.
+the 8 GB cap. docs/performance.md has the table.
 What is left in the backward besides matmuls: the two skew transposes (pads) and the k.D term's
 [chunks, ..., chunk, block] <-> [block, keys] transpose, one pass over a score-sized array each
 per block.

@@ -58,7 +58,7 @@ class GLMConfig:
     param_dtype: str = "float32"         # master weights
     scan_layers: bool = True             # lax.scan over the layer stack (fast compiles at depth)
     remat_policy: str = "none"           # "none" | "full" | "dots" | "dots_no_batch"
-    attention: str = "reference"         # a name of glm_jax.kernels.IMPLEMENTATIONS (README: attention)
+    attention: str = "reference"         # a name of glm_jax.kernels.IMPLEMENTATIONS (docs/attention.md)
     clip_distances: bool = False         # |i - j| > max_position_embeddings - 1 -> the table's end rows
 
     def __post_init__(self):
