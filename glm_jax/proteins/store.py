@@ -1,0 +1,567 @@
+"""The ESM2 embedding store (format 2): float16 rows on disk, found by key without loading the store.
+
+Layout (docs/embedding-store.md explains the choices and the measurement behind them):
+
+    STORE/manifest.json                 {"format": 2, "model": identity of the ESM2 run}
+    STORE/parts/NAME/part.json          committed rows, indexed rows, index file, model identity
+    STORE/parts/NAME/embeddings.f16     float16 [rows, dim], appended, memory-mapped by readers
+    STORE/parts/NAME/keys.u64           uint64 [rows, 2]: each row's 128-bit key hash, appended
+    STORE/parts/NAME/index-N.u64        uint64 [3, N]: (hash high, hash low, row) sorted by high word
+    STORE/parts/NAME/fences-N.u64       uint64 [ceil(N / 512)]: every 512th high word (kept in memory)
+    STORE/parts/NAME/writer.lock        flock'ed by the one live writer of the part
+
+Each writer (one per host or process) appends to its own part, so hosts write at once without
+locks between them; readers see every part. A batch is appended to both files, fsynced, and then
+counted in part.json (replaced atomically): a killed writer leaves at most an uncounted tail, which
+the next writer of the part truncates. Rows not yet in the sorted index (the tail) are searched in
+memory; a writer folds them into a new index file every `TAIL_ROWS` rows and when it closes.
+
+A lookup reads the high word's fence block (one 4 KiB page), the index entry and the embedding row:
+`get` of k keys touches about 3k pages, whatever the store's size. Keys are the first 128 bits of
+the sha256 of the normalised sequence: among 10^8 proteins the odds of any collision are ~1.5e-23
+(64 bits would be 2.7e-4, and a collision silently returns another protein's embedding).
+
+Format 1 (manifest + chunk-*.npz) is read in place; a writer converts it to format 2 first
+(`convert_store`, `glm-jax convert-store`).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import mmap
+import os
+import pathlib
+import shutil
+import socket
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from glm_jax import files
+from glm_jax.errors import InputError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 2
+MANIFEST = "manifest.json"
+PARTS = "parts"
+PART_INFO = "part.json"
+KEYS_FILE = "keys.u64"
+EMBEDDINGS_FILE = "embeddings.f16"
+LOCK_FILE = "writer.lock"
+FENCE = 512  # index entries per in-memory fence: 512 high words = one 4 KiB page
+TAIL_ROWS = 1 << 20  # unindexed rows a writer keeps (16 MiB of hashes) before folding them into the index
+IDENTITY_FIELDS = ("fingerprint", "config", "layer", "dim", "compute_dtype", "max_residues")
+DEFAULT_WRITER = "p00000"
+FORMAT1_PART = "format1"  # the part a converted format-1 store's rows go to
+
+
+class StoreModelError(InputError):
+    """Embeddings of one model were about to be mixed with those of another in one store."""
+
+
+class StoreBusyError(InputError):
+    """A store part is being written by another live run."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys
+
+
+def normalise_sequence(sequence: str) -> str:
+    """Upper case, whitespace removed, trailing stop codons ('*') stripped."""
+    return "".join(sequence.split()).upper().rstrip("*")
+
+
+def sequence_key(sequence: str) -> str:
+    """Store key of a sequence: sha256 hex of its normalised form."""
+    return hashlib.sha256(normalise_sequence(sequence).encode()).hexdigest()
+
+
+def key_hashes(keys: Sequence[str] | np.ndarray) -> np.ndarray:
+    """sha256 hex keys (str or bytes) -> uint64 [n, 2]: their first 128 bits as (high, low) words."""
+    text = "".join(k.decode() if isinstance(k, bytes) else k for k in (k[:32] for k in keys))
+    return np.frombuffer(bytes.fromhex(text), ">u8").astype(np.uint64).reshape(-1, 2)
+
+
+def sequence_hashes(sequences: Iterable[str]) -> np.ndarray:
+    """Sequences -> uint64 [n, 2] key hashes (of their normalised forms)."""
+    return key_hashes([sequence_key(s) for s in sequences])
+
+
+def share_of(hashes: np.ndarray, count: int) -> np.ndarray:
+    """Which of `count` writers embeds each key: int64 [n], the high word modulo `count` (stable
+    across runs, machines and process counts' orders)."""
+    return (hashes[:, 0] % np.uint64(count)).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading one part
+
+
+def _map(path: pathlib.Path, dtype, count: int) -> np.ndarray:
+    """The first `count` items of a raw file, read-only and memory-mapped for random access (no
+    read-ahead around each page: a lookup wants one row, not its neighbours)."""
+    if count == 0:
+        return np.empty(0, dtype)
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), count * np.dtype(dtype).itemsize, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype, count)
+
+
+def _find(hi: np.ndarray, lo: np.ndarray, rows: np.ndarray, start: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Rows of `query` hashes [n, 2] in a table sorted by `hi`, where `start[i]` is the first
+    position with hi >= query high word -> int64 [n], -1 where absent. Equal high words with other
+    low words (odds ~ n^2 / 2^65) are stepped over one by one."""
+    out = np.full(len(query), -1, np.int64)
+    if not len(hi) or not len(query):
+        return out
+    at = np.minimum(start, len(hi) - 1)
+    same_high = (start < len(hi)) & (hi[at] == query[:, 0])
+    hit = same_high & (lo[at] == query[:, 1])
+    out[hit] = rows[at[hit]]
+    for i in np.flatnonzero(same_high & ~hit):
+        p = int(start[i]) + 1
+        while p < len(hi) and hi[p] == query[i, 0]:
+            if lo[p] == query[i, 1]:
+                out[i] = rows[p]
+                break
+            p += 1
+    return out
+
+
+class Part:
+    """One writer's rows as a reader sees them (the state committed when it was opened)."""
+
+    def __init__(self, path: pathlib.Path, dim: int):
+        self.path, self.name, self.dim = path, path.name, dim
+        for attempt in range(3):
+            try:
+                self._load()
+                break
+            except FileNotFoundError:  # its writer replaced the index file between our reads
+                if attempt == 2:
+                    raise
+
+    def _load(self) -> None:
+        info = json.loads((self.path / PART_INFO).read_text())
+        self.model, self.rows, self.indexed = info["model"], int(info["rows"]), int(info["indexed"])
+        self.index_name = info.get("index")
+        if self.indexed:
+            self._index = _map(self.path / self.index_name, np.uint64, 3 * self.indexed).reshape(3, self.indexed)
+            self._fences = np.fromfile(self.path / f"fences-{self.indexed:012d}.u64", np.uint64)
+        else:
+            self._index, self._fences = np.empty((3, 0), np.uint64), np.empty(0, np.uint64)
+        tail = np.fromfile(self.path / KEYS_FILE, np.uint64, 2 * (self.rows - self.indexed),
+                           offset=16 * self.indexed).reshape(-1, 2) if self.rows > self.indexed else None
+        self._set_tail(tail)
+        self._embeddings = _map(self.path / EMBEDDINGS_FILE, np.float16, self.rows * self.dim).reshape(-1, self.dim)
+
+    def _set_tail(self, hashes: np.ndarray | None) -> None:
+        """The unindexed rows [indexed, rows), sorted by high word in memory."""
+        if hashes is None or not len(hashes):
+            self._tail, self._tail_rows = np.empty((0, 2), np.uint64), np.empty(0, np.int64)
+            return
+        order = np.argsort(hashes[:, 0], kind="stable")
+        self._tail, self._tail_rows = hashes[order], self.indexed + order.astype(np.int64)
+
+    def lookup(self, query: np.ndarray) -> np.ndarray:
+        """uint64 [n, 2] hashes -> int64 [n] rows of this part, -1 where absent."""
+        found = np.full(len(query), -1, np.int64)
+        if self.indexed:
+            hi = self._index[0]
+            # The fences narrow each search to one block of FENCE entries: the first position with
+            # hi >= q lies in (F * (b - 1), F * b] for b = the number of fences below q.
+            block = np.searchsorted(self._fences, query[:, 0], side="left")
+            low = np.maximum(block - 1, 0) * FENCE
+            window = low[:, None] + np.arange(FENCE + 1)
+            inside = window < self.indexed
+            values = hi[np.minimum(window, self.indexed - 1)]
+            start = low + np.sum((values < query[:, :1]) & inside, axis=1)
+            found = _find(hi, self._index[1], self._index[2], start, query)
+        if len(self._tail):
+            tail = _find(self._tail[:, 0], self._tail[:, 1], self._tail_rows,
+                         np.searchsorted(self._tail[:, 0], query[:, 0]), query)
+            found = np.where(found >= 0, found, tail)
+        return found
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """int64 [n] rows -> float16 [n, dim], reading only those rows (in ascending order)."""
+        order = np.argsort(rows)
+        out = np.empty((len(rows), self.dim), np.float16)
+        out[order] = self._embeddings[rows[order]]
+        return out
+
+    def hashes(self) -> np.ndarray:
+        """uint64 [rows, 2]: every row's key hash, in row order."""
+        return np.fromfile(self.path / KEYS_FILE, np.uint64, 2 * self.rows).reshape(-1, 2)
+
+
+class Format1Part:
+    """The chunk-*.npz files of a format-1 store, read in place (keys held in memory: format-1
+    stores were written by one host and are small)."""
+
+    def __init__(self, store: pathlib.Path, dim: int):
+        self.path, self.name, self.dim = store, "format-1 chunks", dim
+        self.chunks = sorted(store.glob("chunk-*.npz"))
+        keys = [self._array(c, "keys") for c in self.chunks]
+        self._offsets = np.cumsum([0] + [len(k) for k in keys])
+        self.rows = int(self._offsets[-1])
+        hashes = key_hashes(np.concatenate(keys)) if self.rows else np.empty((0, 2), np.uint64)
+        self._hashes = hashes
+        order = np.argsort(hashes[:, 0], kind="stable")
+        self._sorted, self._rows = hashes[order], order.astype(np.int64)
+
+    @staticmethod
+    def _array(chunk: pathlib.Path, name: str) -> np.ndarray:
+        with np.load(chunk, allow_pickle=False) as data:
+            return data[name]
+
+    def lookup(self, query: np.ndarray) -> np.ndarray:
+        return _find(self._sorted[:, 0], self._sorted[:, 1], self._rows,
+                     np.searchsorted(self._sorted[:, 0], query[:, 0]), query)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.dim), np.float16)
+        chunk_of = np.searchsorted(self._offsets, rows, side="right") - 1
+        for c in np.unique(chunk_of):
+            picked = chunk_of == c
+            out[picked] = self._array(self.chunks[c], "embeddings")[rows[picked] - self._offsets[c]]
+        return out
+
+    def hashes(self) -> np.ndarray:
+        return self._hashes
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing one part
+
+
+class PartWriter(Part):
+    """The one live writer of a part: appends rows, and sees them at once in `lookup`.
+
+    Holds an exclusive `fcntl.flock` on the part's writer.lock while open, so a second run writing
+    the same part stops with StoreBusyError instead of interleaving rows. flock is a local lock: it
+    protects runs on one machine and on file systems that forward it (Linux NFSv4, Lustre mounted
+    with -o flock), not two hosts on an NFSv3 or SMB mount that ignores it; there, give each host its
+    own part (`--writer`, or `--distributed`, which names parts by process index)."""
+
+    def __init__(self, store: pathlib.Path, name: str, model: dict):
+        path = store / PARTS / name
+        path.mkdir(parents=True, exist_ok=True)
+        self._lock = open(path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "another process"
+            self._lock.close()
+            raise StoreBusyError(f"{path} is being written by another live run ({holder}); wait for it to end, "
+                                 "or give this run its own part (--writer NAME)") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._lock.flush()
+        try:
+            if not (path / PART_INFO).is_file():
+                for name_ in (KEYS_FILE, EMBEDDINGS_FILE):
+                    (path / name_).touch()
+                files.write_text_atomic(path / PART_INFO, json.dumps(
+                    {"format": FORMAT, "rows": 0, "indexed": 0, "index": None, "dim": model["dim"], "model": model}))
+            super().__init__(path, int(model["dim"]))
+            check_same_model(self.model, model, f"{path}")
+        except BaseException:
+            self._lock.close()
+            raise
+        # A killed writer may have appended bytes it never counted in part.json: drop them.
+        os.truncate(path / KEYS_FILE, 16 * self.rows)
+        os.truncate(path / EMBEDDINGS_FILE, 2 * self.dim * self.rows)
+        for stale in path.glob(".*.tmp*"):
+            stale.unlink()
+        self.rows_at_open = self.rows
+        self._tail_keys, self._sorted_tail = [self._tail_hashes()], True
+
+    def _tail_hashes(self) -> np.ndarray:
+        sorted_back = np.empty_like(self._tail)
+        sorted_back[self._tail_rows - self.indexed] = self._tail
+        return sorted_back
+
+    def append(self, hashes: np.ndarray, embeddings: np.ndarray) -> None:
+        """Appends rows: uint64 [n, 2] hashes and float16 [n, dim] embeddings, durable on return."""
+        if embeddings.shape != (len(hashes), self.dim):
+            raise ValueError(f"embeddings {embeddings.shape} != ({len(hashes)}, {self.dim})")
+        for name, data in ((EMBEDDINGS_FILE, np.ascontiguousarray(embeddings, np.float16)),
+                           (KEYS_FILE, np.ascontiguousarray(hashes, np.uint64))):
+            with open(self.path / name, "ab") as handle:
+                handle.write(data.tobytes())
+                handle.flush()
+                os.fsync(handle.fileno())
+        self.rows += len(hashes)
+        self._write_info()
+        self._embeddings = _map(self.path / EMBEDDINGS_FILE, np.float16, self.rows * self.dim).reshape(-1, self.dim)
+        self._tail_keys.append(np.asarray(hashes, np.uint64))
+        if self.rows - self.indexed >= TAIL_ROWS:
+            self.fold()
+        else:
+            self._sorted_tail = False
+
+    def lookup(self, query: np.ndarray) -> np.ndarray:
+        if not self._sorted_tail:
+            self._set_tail(np.concatenate(self._tail_keys))
+            self._tail_keys, self._sorted_tail = [self._tail_hashes()], True
+        return super().lookup(query)
+
+    def _write_info(self) -> None:
+        files.write_text_atomic(self.path / PART_INFO, json.dumps(
+            {"format": FORMAT, "rows": self.rows, "indexed": self.indexed, "index": self.index_name, "dim": self.dim,
+             "model": self.model}))
+
+    def fold(self) -> None:
+        """Merges the unindexed rows into a new sorted index file (memory: the tail plus blocks of
+        the old index), then points part.json at it and deletes the old one."""
+        if self.rows == self.indexed:
+            return
+        tail = np.concatenate(self._tail_keys)
+        order = np.argsort(tail[:, 0], kind="stable")
+        tail_entries = np.stack([tail[order, 0], tail[order, 1], self.indexed + order.astype(np.uint64)])
+        old, total = self._index, self.rows
+        # Entry j of the tail goes before old entry at[j]; old entry i moves up by the tail entries before it.
+        at = np.searchsorted(old[0], tail_entries[0], side="left")
+        name = f"index-{total:012d}.u64"
+        with files.atomic_path(self.path / name) as tmp:
+            merged = np.memmap(tmp, np.uint64, "w+", shape=(3, total))
+            for a in range(0, self.indexed, TAIL_ROWS):
+                i = np.arange(a, min(a + TAIL_ROWS, self.indexed))
+                merged[:, i + np.searchsorted(at, i, side="right")] = old[:, i]
+            merged[:, at + np.arange(len(at))] = tail_entries
+            merged.flush()
+            fences = np.array(merged[0, ::FENCE])
+            del merged
+        files.write_bytes_atomic(self.path / f"fences-{total:012d}.u64", fences.tobytes())
+        previous = (self.index_name, self.indexed)
+        self.indexed, self.index_name = total, name
+        self._write_info()
+        if previous[0]:
+            (self.path / previous[0]).unlink(missing_ok=True)
+            (self.path / f"fences-{previous[1]:012d}.u64").unlink(missing_ok=True)
+        self._load()
+        self._tail_keys, self._sorted_tail = [], True
+
+    def close(self) -> None:
+        """Folds the tail into the index and releases the part."""
+        if self._lock.closed:
+            return
+        try:
+            self.fold()
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The store
+
+
+def check_same_model(have: dict, want: dict, where: str) -> None:
+    """StoreModelError naming `where` when two model identities differ in a field that matters."""
+    differ = {k: (have.get(k), want.get(k)) for k in IDENTITY_FIELDS if have.get(k) != want.get(k)}
+    if differ:
+        details = "; ".join(f"{k}: store has {a!r}, this run {b!r}" for k, (a, b) in differ.items())
+        raise StoreModelError(f"{where} holds embeddings of another model ({have.get('source')}): {details}. "
+                              "Use another store directory.")
+
+
+class EmbeddingStore:
+    """Append-only float16 embeddings on disk, keyed by `sequence_key`, bound to one model.
+
+    `EmbeddingStore(path)` opens an existing store (format 1 or 2) for reading; `EmbeddingStore(path,
+    model=identity)` also creates one, refuses (StoreModelError) a store of another model, and
+    converts a format-1 store to format 2. Writing goes through one part per writer: `add` appends
+    to the part of `writing(name)` while that is open, else opens the default part for one call."""
+
+    MANIFEST = MANIFEST
+
+    def __init__(self, path: str | pathlib.Path, model: dict | None = None):
+        self.path = pathlib.Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            if model is None:
+                raise FileNotFoundError(f"{self.path}: not an embedding store (no {MANIFEST}); "
+                                        "create it with `glm-jax embed-proteins`")
+            _create_manifest(self.path, model)
+        self.format, self.model = _read_manifest(self.path)
+        if model is not None:
+            check_same_model(self.model, model, str(self.path))
+            if self.format == 1:
+                convert_store(self.path)
+                self.format = FORMAT
+            for leftover in self.path.glob("chunk-*.npz"):  # a conversion killed after its manifest switch
+                leftover.unlink()
+        self.last_run = None  # an EmbedStats, set by embed_proteins
+        self._writer: PartWriter | None = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Sees the parts (and rows) other writers committed since the store was opened."""
+        dim = self.embedding_dim
+        if self.format == 1:
+            self._parts = [Format1Part(self.path, dim)]
+            return
+        parts = []
+        for info in sorted((self.path / PARTS).glob(f"*/{PART_INFO}")):
+            if self._writer is not None and info.parent == self._writer.path:
+                parts.append(self._writer)
+                continue
+            part = Part(info.parent, dim)
+            check_same_model(part.model, self.model, str(part.path))
+            parts.append(part)
+        self._parts = parts
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model["dim"])
+
+    @property
+    def parts(self) -> list[str]:
+        return [part.name for part in self._parts]
+
+    def __len__(self) -> int:
+        """Stored rows (a protein that two writers embedded at the same time counts twice)."""
+        return sum(part.rows for part in self._parts)
+
+    def __contains__(self, sequence: str) -> bool:
+        return bool(self.locate(sequence_hashes([sequence]))[0][0] >= 0)
+
+    def locate(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint64 [n, 2] hashes -> (part number int64 [n], row int64 [n]); part -1 where absent.
+        The first part (in name order) holding a key wins."""
+        part_of = np.full(len(hashes), -1, np.int64)
+        row_of = np.full(len(hashes), -1, np.int64)
+        for p, part in enumerate(self._parts):
+            todo = np.flatnonzero(part_of < 0)
+            if not len(todo):
+                break
+            rows = part.lookup(hashes[todo])
+            hit = rows >= 0
+            part_of[todo[hit]], row_of[todo[hit]] = p, rows[hit]
+        return part_of, row_of
+
+    def missing(self, sequences: Iterable[str]) -> list[str]:
+        """Normalised sequences not in the store, each once, in first-seen order."""
+        distinct = list(dict.fromkeys(map(normalise_sequence, sequences)))
+        if not distinct:
+            return []
+        part_of, _ = self.locate(sequence_hashes(distinct))
+        return [s for s, p in zip(distinct, part_of) if p < 0]
+
+    def get(self, sequences: Sequence[str]) -> np.ndarray:
+        """Embeddings of `sequences` -> float16 [n, dim]; KeyError naming missing sequences."""
+        hashes = sequence_hashes(sequences) if len(sequences) else np.empty((0, 2), np.uint64)
+        part_of, _ = self.locate(hashes)
+        absent = [s for s, p in zip(sequences, part_of) if p < 0]
+        if absent:
+            shown = ", ".join(repr(s[:20] + ("..." if len(s) > 20 else "")) for s in absent[:5])
+            raise KeyError(f"{len(absent)} sequence(s) not in {self.path}: {shown}")
+        return self.get_hashes(hashes)
+
+    def get_hashes(self, hashes: np.ndarray) -> np.ndarray:
+        """uint64 [n, 2] key hashes -> float16 [n, dim] (KeyError when one is absent)."""
+        part_of, row_of = self.locate(hashes)
+        if (part_of < 0).any():
+            raise KeyError(f"{int((part_of < 0).sum())} key(s) not in {self.path}")
+        out = np.empty((len(hashes), self.embedding_dim), np.float16)
+        for p in np.unique(part_of):
+            picked = np.flatnonzero(part_of == p)
+            out[picked] = self._parts[p].read(row_of[picked])
+        return out
+
+    def hashes(self) -> np.ndarray:
+        """uint64 [n, 2]: every stored key hash once, sorted (memory: 16 bytes per row)."""
+        every = [part.hashes() for part in self._parts]
+        return np.unique(np.concatenate(every) if every else np.empty((0, 2), np.uint64), axis=0)
+
+    @contextlib.contextmanager
+    def writing(self, name: str = DEFAULT_WRITER) -> Iterator[PartWriter]:
+        """Holds part `name` for writing (StoreBusyError when another live run holds it); `add`
+        appends to it; on exit its rows are indexed and the part released."""
+        if self.format != FORMAT:
+            raise InputError(f"{self.path}: a format-{self.format} store; open it with model=... to convert it")
+        writer = PartWriter(self.path, name, self.model)
+        self._writer = writer
+        try:
+            self.refresh()
+            yield writer
+        finally:
+            self._writer = None
+            writer.close()
+            self.refresh()
+
+    def add(self, sequences: Sequence[str], embeddings: np.ndarray) -> None:
+        """Appends `embeddings` [n, dim] of `sequences` to this run's part (durable on return)."""
+        if embeddings.shape != (len(sequences), self.embedding_dim):
+            raise ValueError(f"embeddings {embeddings.shape} != ({len(sequences)}, {self.embedding_dim})")
+        if self._writer is None:
+            with self.writing():
+                self.add(sequences, embeddings)
+            return
+        self._writer.append(sequence_hashes(sequences), embeddings.astype(np.float16))
+
+
+def _create_manifest(path: pathlib.Path, model: dict) -> None:
+    """Writes STORE/manifest.json unless another writer (another host) got there first: the file is
+    linked into place, which fails when it exists, so two creators never overwrite each other."""
+    path.mkdir(parents=True, exist_ok=True)
+    with files.atomic_path(path / ".manifest.staged") as staged:
+        staged.write_text(json.dumps({"format": FORMAT, "model": dict(model)}, indent=1))
+    try:
+        os.link(path / ".manifest.staged", path / MANIFEST)
+    except FileExistsError:
+        pass
+    finally:
+        (path / ".manifest.staged").unlink(missing_ok=True)
+    files.fsync_directory(path)
+
+
+def _read_manifest(path: pathlib.Path) -> tuple[int, dict]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return int(manifest.get("format", 1)), manifest["model"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{path / MANIFEST}: not an embedding store manifest ({error})") from None
+
+
+def convert_store(path: str | pathlib.Path) -> int:
+    """Converts a format-1 store (chunk-*.npz) in place to format 2 -> rows converted (0 when it is
+    format 2 already). Its rows become part `format1`; the manifest is switched only once the part
+    is complete, and the chunks are deleted after that, so a conversion killed at any point is
+    simply run again."""
+    path = pathlib.Path(path)
+    version, model = _read_manifest(path)
+    if version == FORMAT:
+        return 0
+    legacy = Format1Part(path, int(model["dim"]))
+    shutil.rmtree(path / PARTS, ignore_errors=True)  # a conversion killed before the manifest switch
+    writer = PartWriter(path, FORMAT1_PART, model)
+    try:
+        for chunk in legacy.chunks:
+            keys, embeddings = legacy._array(chunk, "keys"), legacy._array(chunk, "embeddings")
+            hashes = key_hashes(keys)
+            fresh = writer.lookup(hashes) < 0  # compaction of format 1 could leave a key in two chunks
+            _, first = np.unique(hashes, axis=0, return_index=True)
+            keep = np.zeros(len(keys), bool)
+            keep[first] = True
+            keep &= fresh
+            if keep.any():
+                writer.append(hashes[keep], embeddings[keep].astype(np.float16))
+    finally:
+        writer.close()
+    files.write_text_atomic(path / MANIFEST, json.dumps({"format": FORMAT, "model": model}, indent=1))
+    for chunk in legacy.chunks:
+        chunk.unlink()
+    log.info("converted %s to format 2 (%d rows)", path, writer.rows)
+    return writer.rows
