@@ -18,6 +18,7 @@ GLM_JAX_PROCESS_ID=I (what `glm_jax.distributed.initialize` reads), and with K g
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import socket
@@ -31,6 +32,7 @@ from glm_jax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 STOP_TIMEOUT_S = 10.0
+GLOO_CHATTER = re.compile(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
 
 
 def free_port() -> int:
@@ -77,18 +79,20 @@ class LocalRun:
 
     stdout / stderr: where prefixed lines go (default the launcher's); `lines[i]` keeps every
     line of child i (both streams, in arrival order per stream) for callers such as tests.
+    stop_on_failure=False leaves the others running after a failure (tests of what they do alone).
     """
 
     def __init__(self, command: Sequence[str], processes: int, devices_per_process: Optional[int] = None, *,
                  env: Optional[dict] = None, port: Optional[int] = None, stop_timeout: float = STOP_TIMEOUT_S,
-                 stdout: Optional[IO[str]] = None, stderr: Optional[IO[str]] = None, cwd=None):
+                 stdout: Optional[IO[str]] = None, stderr: Optional[IO[str]] = None, cwd=None,
+                 stop_on_failure: bool = True):
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
         self.command = resolve_command(command)
         self.processes, self.devices_per_process = processes, devices_per_process
         self.coordinator = f"127.0.0.1:{port or free_port()}"
         self.env = dict(os.environ if env is None else env)
-        self.stop_timeout, self.cwd = stop_timeout, cwd
+        self.stop_timeout, self.cwd, self.stop_on_failure = stop_timeout, cwd, stop_on_failure
         self.stdout, self.stderr = stdout or sys.stdout, stderr or sys.stderr
         self.children: list[subprocess.Popen] = []
         self.lines: list[list[str]] = [[] for _ in range(processes)]
@@ -112,6 +116,8 @@ class LocalRun:
     def _copy(self, index: int, pipe: IO[str], out: IO[str]) -> None:
         for line in pipe:
             self.lines[index].append(line)
+            if GLOO_CHATTER.match(line):  # gloo prints one per collective group it sets up
+                continue
             with self._write_lock:
                 out.write(f"[p{index}] {line if line.endswith(chr(10)) else line + chr(10)}")
                 out.flush()
@@ -134,7 +140,8 @@ class LocalRun:
             failed = [(i, exit_status(c)) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 self.first_failure = failed[0]
-                self._stop_others()
+                if self.stop_on_failure:
+                    self._stop_others()
         return None if None in codes else [exit_status(c) for c in codes]
 
     def _stop_others(self) -> None:

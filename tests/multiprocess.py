@@ -36,8 +36,15 @@ class Result:
     seconds: float
 
     def __str__(self) -> str:  # what a failed assertion shows
-        return "\n".join(f"--- process {i} exit {c} ---\n{log[-4000:]}" for i, (c, log) in
+        return "\n".join(f"--- process {i} exit {c} ---\n{_clip(log)}" for i, (c, log) in
                          enumerate(zip(self.codes, self.logs)))
+
+
+def _clip(log: str, keep: int = 3000) -> str:
+    """The start and the end of a long log (the first error is often near the start)."""
+    lines = [line for line in log.splitlines() if not line.startswith(("[Gloo]", "    @ "))]
+    text = "\n".join(lines)
+    return text if len(text) <= 2 * keep else text[:keep] + "\n...\n" + text[-keep:]
 
 
 def environment(extra: Optional[dict] = None) -> dict:
@@ -50,11 +57,12 @@ def environment(extra: Optional[dict] = None) -> dict:
 
 
 def start_processes(command: Sequence[str], processes: int, devices_per_process: int = 1,
-                    env: Optional[dict] = None, stop_timeout: float = 10.0) -> LocalRun:
+                    env: Optional[dict] = None, stop_timeout: float = 10.0, stop_on_failure: bool = True) -> LocalRun:
     """Starts the processes and returns the run (send_signal, poll, wait, lines); output is kept
-    in `run.lines`, not printed."""
+    in `run.lines`, not printed. stop_on_failure=False: a failing process does not make the
+    harness stop the others (to test what they do on their own)."""
     return LocalRun(command, processes, devices_per_process, env=environment(env), stop_timeout=stop_timeout,
-                    stdout=io.StringIO(), stderr=io.StringIO(), cwd=REPO_ROOT).start()
+                    stdout=io.StringIO(), stderr=io.StringIO(), cwd=REPO_ROOT, stop_on_failure=stop_on_failure).start()
 
 
 def finish(run: LocalRun, started: float, timeout: float = RUN_TIMEOUT_S) -> Result:

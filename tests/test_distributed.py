@@ -111,3 +111,67 @@ def test_launcher_environment_of_a_child():
     assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=4"
     assert (env["GLM_JAX_COORDINATOR"], env["GLM_JAX_NUM_PROCESSES"], env["GLM_JAX_PROCESS_ID"]) == ("127.0.0.1:9", "2", "1")
     assert launcher.exit_status(-9) == 137
+
+
+# --- process counts that do not divide the work ------------------------------------------------
+
+def test_shards_that_do_not_split_over_the_processes_are_refused(tmp_path, monkeypatch):
+    """3 shards on 2 processes: host 0 would read 2, host 1 one (epochs of different lengths)."""
+    import jax
+
+    from glm_jax.train import trainer
+    for i in range(3):
+        (tmp_path / f"train-{i:05d}-of-00003.tfrecord").write_bytes(b"")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(DistributedError, match="3 shards do not split evenly over 2 processes"):
+        trainer.open_reader(str(tmp_path / "train-*.tfrecord"), "train", 8, 0, True)
+
+
+def test_cli_batch_that_does_not_split_over_the_processes_is_one_line(tmp_path, monkeypatch, capsys):
+    import jax
+
+    from glm_jax.cli.main import main
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    code = main(["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
+                 "--config.data.train_pattern=unused.npz"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "batch_size 16" in err and "3 hosts" in err, err
+    assert not (tmp_path / "w").exists()
+
+
+# --- glm-jax launch-local ----------------------------------------------------------------------
+
+CHILD = ("import os, signal, sys, time\n"
+         "i = int(os.environ['GLM_JAX_PROCESS_ID'])\n"
+         "signal.signal(signal.SIGTERM, lambda *a: (print(f'TERM {i}', flush=True), sys.exit(0)))\n"
+         "print(f'up {i} of', os.environ['GLM_JAX_NUM_PROCESSES'], os.environ['XLA_FLAGS'], flush=True)\n"
+         "print(f'oops {i}', file=sys.stderr, flush=True)\n"
+         "if i == int(sys.argv[1]): sys.exit(3)\n"
+         "time.sleep(60)\n")
+
+
+def _launch(*child_args, signal_after=None):
+    import signal
+    import time
+    command = [sys.executable, "-m", "glm_jax.cli", "launch-local", "--processes", "2", "--devices-per-process", "3",
+               "--stop-timeout", "5", "--", sys.executable, "-c", CHILD, *child_args]
+    started = time.monotonic()
+    launcher_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if signal_after is not None:
+        time.sleep(signal_after)
+        launcher_process.send_signal(signal.SIGTERM)
+    out, err = launcher_process.communicate(timeout=60)
+    return launcher_process.returncode, out, err, time.monotonic() - started
+
+
+def test_launch_local_prefixes_output_and_stops_the_others_when_one_fails():
+    code, out, err, seconds = _launch("1")
+    assert code == 3, (out, err)  # the failed child's status
+    assert "[p0] up 0 of 2 --xla_force_host_platform_device_count=3" in out and "[p1] up 1 of 2" in out
+    assert "[p0] oops 0" in err and "[p1] oops 1" in err  # every process's errors reach the terminal
+    assert "[p0] TERM 0" in out and seconds < 20  # the survivor was stopped at once, not after 60 s
+
+
+def test_launch_local_forwards_sigterm_to_every_child():
+    code, out, err, _ = _launch("-1", signal_after=3)
+    assert code == 0 and "[p0] TERM 0" in out and "[p1] TERM 1" in out, (out, err)

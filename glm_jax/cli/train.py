@@ -18,6 +18,9 @@ def train_main(argv: list[str]) -> int:
     common.start_distributed(args)  # before anything touches jax devices
     from glm_jax.train.trainer import train_and_evaluate
     result = train_and_evaluate(config, args.workdir, progress=False if args.no_progress else None)
+    from glm_jax import distributed
+    if not distributed.is_primary():  # one summary for the run
+        return 0
     final = {k: round(v, 5) for k, v in result.eval.items() if k in ("loss", "pseudo_accuracy")}
     print(f"glm-jax train: {'preempted' if result.preempted else 'stopped'} at step {result.step}; checkpoints, "
           f"metrics.jsonl and tensorboard/ in {args.workdir}{'; eval ' + str(final) if final else ''}")

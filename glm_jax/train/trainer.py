@@ -26,14 +26,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from glm_jax import kernels, sharding
+from glm_jax import distributed, kernels, sharding
 from glm_jax.train import flops
 from glm_jax.train import metrics_log
 from glm_jax.model import objective
 from glm_jax.model.batch import validate_batch
 from glm_jax.train import optim
 from glm_jax.train import checkpoint as train_checkpoint
-from glm_jax.errors import ConfigError
+from glm_jax.errors import ConfigError, DistributedError
 from glm_jax.model.glm import GLMConfig, abstract_model, abstract_params, config_from_dict_like, create_model
 
 BATCH_KEYS = ("inputs_embeds", "labels", "attention_mask")
@@ -215,15 +215,29 @@ def open_reader(pattern: str, split: str, batch_size_per_host: int, seed: int, s
     from glm_jax.data import shards
     if not pattern:
         raise ConfigError(f"config.data.{split}_pattern is empty: point it at make-shards output or an .npz of windows")
-    common = dict(seed=seed, shuffle=shuffle, process_index=jax.process_index(), process_count=jax.process_count())
-    if pattern.endswith(".npz"):
+    hosts = jax.process_count()
+    common = dict(seed=seed, shuffle=shuffle, process_index=jax.process_index(), process_count=hosts)
+    if pattern.endswith(".npz"):  # every host holds all windows and yields its rows of each global batch
         return shards.InMemoryWindows.from_npz(pattern, batch_size_per_host, **common)
+    num_shards = len(shards._resolve_files(pattern, split))
+    if num_shards % hosts:
+        # Host p reads only shards p, p+P, ...: an uneven split gives the hosts epochs of
+        # different lengths, and a data position that means something else on each of them.
+        raise DistributedError(f"config.data.{split}_pattern {pattern}: its {num_shards} shards do not split evenly "
+                               f"over {hosts} processes; use a process count that divides {num_shards}, or write "
+                               f"a multiple of {hosts} shards (make-shards --num-shards)")
     return shards.ShardReader(pattern, batch_size_per_host, split=split, shuffle_buffer=shuffle_buffer, **common)
 
 
 def device_batch(host_batch: dict, batch_sharding) -> dict:
     """This host's rows -> global arrays sharded over the batch axes (multi-host correct)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(host_batch[k])) for k in BATCH_KEYS}
+
+
+def replicated_constant(make, shardings):
+    """`make()` (host constants) as arrays on every device of the mesh. `jax.device_put` cannot
+    place onto another process's devices; a jitted constant is created on each device where it lives."""
+    return jax.jit(make, out_shardings=shardings)()
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -335,10 +349,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optio
         if reader is not None:
             check_first_batch(reader, model_config, batch_per_host,
                               f"first {split} batch of {getattr(config.data, split + '_pattern') or 'the reader'}")
-    train_checkpoint.write_run_config(workdir, model_config, config)
+    if distributed.is_primary():  # one writer of the run's files; every process saves its checkpoint shards
+        train_checkpoint.write_run_config(workdir, model_config, config)
     checkpointer = train_checkpoint.TrainCheckpointer(workdir, t.keep_checkpoints)
     eval_start = eval_data.state() if eval_data is not None else None
-    base_rng, eval_rng = jax.random.split(jax.random.key(t.seed))
 
     with sharding.use_mesh(mesh):
         shardings = state_shardings(model_config, tx, mesh)
@@ -347,7 +361,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optio
             target = abstract_state(model_config, tx, shardings)
             params, opt_state, data_state, _ = checkpointer.restore(start, model_config, target.params,
                                                                     target.opt_state)
-            state = TrainState(step=jax.device_put(np.int32(start), shardings.step), params=params, opt_state=opt_state)
+            state = TrainState(step=replicated_constant(lambda: jnp.int32(start), shardings.step), params=params,
+                               opt_state=opt_state)
+            # the saved position is process 0's; readers take any process count (glm_jax.data.shards)
             train_data.restore({**data_state, "process_index": jax.process_index()})
         else:
             state = init_train_state(model_config, tx, t.seed, shardings)
@@ -363,7 +379,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optio
                           donate_argnums=0)
         eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, obj=obj),
                           in_shardings=(shardings.params, batch_sharding, rep), out_shardings=rep)
-        base_rng, eval_rng = jax.device_put((base_rng, eval_rng), rep)
+        base_rng, eval_rng = replicated_constant(lambda: tuple(jax.random.split(jax.random.key(t.seed))), (rep, rep))
 
         host_batch = next(train_data)
         compile_start = time.perf_counter()
@@ -380,7 +396,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optio
 
         records, last_train, last_eval, preempted = [], {}, {}, False
         step, interval_start = start, time.perf_counter()
-        with train_checkpoint.PreemptionGuard() as guard:
+        with distributed.Preemption() as preemption:
             while step < t.num_steps and not preempted:
                 batch = device_batch(host_batch, batch_sharding)
                 with jax.transfer_guard("disallow"):
@@ -406,8 +422,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, train_data: Optio
                                          batch_sharding, eval_rng)
                     logger.write(step, "eval", last_eval)
                     interval_start += time.perf_counter() - eval_began  # keep eval out of the step time
-                if jax.process_count() == 1 or step % t.log_every == 0:
-                    preempted = guard.requested()
+                preempted = preemption.reached(step)  # the same step on every process
                 if step % t.checkpoint_every == 0 or step == t.num_steps or preempted:
                     checkpointer.save(step, state.params, state.opt_state, data_position, meta)
         if preempted:
