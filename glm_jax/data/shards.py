@@ -28,13 +28,20 @@ TensorFlow is imported only inside the functions that read or write TFRecords: t
 (and `InMemoryWindows`) runs without it.
 
 Readers (`ShardReader` over TFRecords, `InMemoryWindows` over numpy arrays) share one contract:
-  * per-host: ShardReader host p of P reads shards p, p+P, ...; InMemoryWindows windows p, p+P, ...
-  * a continuous stream of epochs; epoch e visits the host's data in an order fixed by (seed, e)
-    (ShardReader: shards in a permuted order, each fully shuffled; InMemoryWindows: one permutation)
+  * per-host: ShardReader host p of P reads only shards p, p+P, ...; InMemoryWindows holds every
+    window and host p yields rows [p*b, (p+1)*b) of each global batch of b*P windows, so its global
+    batches are the same for any number of processes
+  * a continuous stream of epochs; epoch e visits the data in an order fixed by (seed, e)
+    (ShardReader: the host's shards in a permuted order, shard j shuffled by (seed, e, j);
+    InMemoryWindows: one permutation of all windows)
   * batches of `batch_size` windows per host (global batch = batch_size * process_count) as dicts
     inputs_embeds float32 [B, S, E], labels float32 [B, S, K], attention_mask int32 [B, S],
     prot_ids int32 [B, S], window_index int64 [B] (+ gene_ids, contig_id, genome, window_start, strand, gene_labels with include_metadata)
-  * `state()` is {"consumed": windows yielded, ...} (JSON); `restore(state)` continues exactly there.
+  * `state()` is a global position (JSON, the same on every host): {"consumed", "process_count",
+    seed, shuffle, global batch size, dataset size ...}. `restore(state)` continues exactly there
+    with the same process count; with another one, InMemoryWindows still continues exactly, and
+    ShardReader continues the epoch with each shard's windows not yet read (every host has read the
+    same number of windows, so process 0's state tells how far each shard of every host got).
 """
 from __future__ import annotations
 
@@ -229,8 +236,12 @@ def load_dataset_info(dataset_dir: str | pathlib.Path) -> dict:
 
 # --- the shared stream contract ---------------------------------------------------------------
 
+POSITION_FORMAT = "global"  # states without it are per-host positions of glm-jax before issue 21
+
+
 class _BatchStream:
-    """Position bookkeeping shared by both readers: `consumed` windows of a continuous epoch stream."""
+    """Position bookkeeping shared by both readers: `consumed` windows of a continuous epoch stream
+    (ShardReader: this host's windows; InMemoryWindows: all hosts' windows)."""
 
     def __init__(self, batch_size: int, seed: int, shuffle: bool, num_epochs: int | None,
                  process_index: int, process_count: int, drop_remainder: bool):
@@ -248,20 +259,34 @@ class _BatchStream:
         return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
 
     def _fingerprint(self) -> dict:
-        return {"seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_size,
-                "process_index": self.process_index, "process_count": self.process_count,
-                "examples_per_epoch": self.examples_per_epoch}
+        """What a state must agree on with this reader (the data and its order), whatever the process count."""
+        return {"seed": self.seed, "shuffle": self.shuffle, "global_batch_size": self.batch_size * self.process_count}
 
     def state(self) -> dict:
-        return {"consumed": self._consumed, **self._fingerprint()}
+        return {"position": POSITION_FORMAT, "consumed": self._consumed, "process_count": self.process_count,
+                **self._fingerprint()}
 
     def restore(self, state: dict) -> None:
-        """Continue after `state["consumed"]` windows; the rest of the state must match this reader."""
+        """Continue from `state` (written by this reader on any number of processes); the rest of
+        the state must match this reader. Unknown keys (e.g. "process_index") are ignored."""
+        if state.get("position") != POSITION_FORMAT:  # older per-host state: same meaning on one process
+            state = {**state, "global_batch_size": state.get("batch_size", 0) * state.get("process_count", 1),
+                     "num_windows": state.get("examples_per_epoch", 0) * state.get("process_count", 1)}
         mismatched = {k: (state.get(k), v) for k, v in self._fingerprint().items() if state.get(k) != v}
+        if state.get("position") != POSITION_FORMAT and state.get("process_count", 1) > 1:
+            raise CheckpointError(f"reader state written by {state['process_count']} processes with an older glm-jax "
+                                  "(a per-host position): resume it with that glm-jax, or start a new run")
         if mismatched:
             raise CheckpointError(f"reader state does not match this reader (saved, current): {mismatched}")
-        self._consumed = int(state["consumed"])
+        self._restore_position(state)
         self._iterator = None
+
+    def _restore_position(self, state: dict) -> None:
+        self._consumed = int(state["consumed"])
+
+    def _taken(self, batch: dict) -> int:
+        """Windows of the stream a yielded batch used up."""
+        return len(batch["inputs_embeds"])
 
     @property
     def epoch(self) -> int:
@@ -274,7 +299,7 @@ class _BatchStream:
         if self._iterator is None:
             self._iterator = self._batches(self._consumed)
         batch = next(self._iterator)
-        self._consumed += len(batch["inputs_embeds"])
+        self._consumed += self._taken(batch)
         return batch
 
     def _batches(self, consumed: int) -> Iterator[dict]:
@@ -314,16 +339,52 @@ class ShardReader(_BatchStream):
         if len(all_files) < process_count:
             raise ShardError(f"{len(all_files)} shards cannot feed {process_count} hosts; write more shards (--num-shards)")
         self.files = all_files[process_index::process_count]
+        self.shard_ids = list(range(process_index, len(all_files), process_count))  # global indices of self.files
         self.info = load_dataset_info(all_files[0].parent)
         self.counts = self._shard_counts()
+        by_name = self._listed()
+        self.all_counts = [by_name[f.name]["num_windows"] if f.name in by_name else 0 for f in all_files]
         self.examples_per_epoch = sum(self.counts)
         if self.examples_per_epoch == 0:
             raise ShardError(f"host {process_index}/{process_count} has no windows in {[f.name for f in self.files]}")
-        self.shuffle_buffer = shuffle_buffer or max(self.counts)
+        self.shuffle_buffer = shuffle_buffer or max(self.all_counts)  # the same for every process count
         self.include_metadata = include_metadata
+        self._base: list[tuple[int, int]] | None = None  # per-shard progress a resume on another layout starts from
+        self._resumed_from: dict | None = None
+
+    def _fingerprint(self) -> dict:
+        return {**super()._fingerprint(), "num_windows": sum(self.all_counts)}
+
+    def state(self) -> dict:
+        return super().state() | ({"resumed_from": self._resumed_from} if self._resumed_from else {})
+
+    def _restore_position(self, state: dict) -> None:
+        if "resumed_from" not in state and state.get("process_count", 1) == self.process_count:
+            self._base, self._resumed_from, self._consumed = None, None, int(state["consumed"])
+            return
+        progress = self._global_progress(state)
+        self._base = [progress[j] for j in self.shard_ids]
+        self._resumed_from = {k: v for k, v in state.items() if k != "process_index"}
+        self._consumed = 0
+
+    def _global_progress(self, state: dict) -> list[tuple[int, int]]:
+        """(visits completed, windows read of the next visit) of every shard at `state`: each of its
+        `process_count` hosts read `consumed` windows of its shards, from where `resumed_from` left them."""
+        progress = self._global_progress(state["resumed_from"]) if state.get("resumed_from") else [(0, 0)] * len(self.all_counts)
+        hosts = state.get("process_count", 1)
+        for host in range(hosts):
+            ids = range(host, len(self.all_counts), hosts)
+            after = _advance([progress[j] for j in ids], [self.all_counts[j] for j in ids], int(state["consumed"]),
+                             self._epoch_order)
+            for j, shard_progress in zip(ids, after):
+                progress[j] = shard_progress
+        return progress
+
+    def _listed(self) -> dict:
+        return {s["file"]: s for split in self.info["splits"].values() for s in split["shards"]}
 
     def _shard_counts(self) -> list[int]:
-        by_name = {s["file"]: s for split in self.info["splits"].values() for s in split["shards"]}
+        by_name = self._listed()
         counts = []
         for f in self.files:
             if f.name not in by_name:
@@ -338,16 +399,10 @@ class ShardReader(_BatchStream):
 
     def _shard_plan(self, consumed: int) -> Iterator[tuple[str, int, int]]:
         """(file, shuffle seed, windows to skip) for every shard visit from position `consumed` on."""
-        epoch, skip = divmod(consumed, self.examples_per_epoch)
-        while self.num_epochs is None or epoch < self.num_epochs:
-            for k in self._epoch_order(epoch, len(self.files)):
-                if skip >= self.counts[k]:
-                    skip -= self.counts[k]
-                    continue
-                shard_seed = int(np.random.default_rng([self.seed, epoch, int(k)]).integers(2 ** 62))
-                yield str(self.files[k]), shard_seed, skip
-                skip = 0
-            epoch += 1
+        progress = _advance(self._base or [(0, 0)] * len(self.files), self.counts, consumed, self._epoch_order)
+        for k, epoch, skip in _visits(progress, self._epoch_order, self.num_epochs):
+            shard_seed = int(np.random.default_rng([self.seed, epoch, self.shard_ids[k]]).integers(2 ** 62))
+            yield str(self.files[k]), shard_seed, skip
 
     def _dataset(self, consumed: int):
         import tensorflow as tf
@@ -394,6 +449,37 @@ class ShardReader(_BatchStream):
                 raise _locate_corruption(self.files, error) from error
 
 
+def _visits(progress: list[tuple[int, int]], epoch_order, num_epochs: int | None) -> Iterator[tuple[int, int, int]]:
+    """(shard k, epoch, windows to skip) of every shard visit from per-shard `progress` [(visits
+    completed, windows read of the next visit)] on: epoch e visits, in `epoch_order(e, n)`, the
+    shards that have not completed it."""
+    epoch = min(visits for visits, _ in progress)
+    while num_epochs is None or epoch < num_epochs:
+        for k in epoch_order(epoch, len(progress)):
+            visits, skip = progress[k]
+            if visits <= epoch:
+                yield int(k), epoch, skip if visits == epoch else 0
+        epoch += 1
+
+
+def _advance(progress: list[tuple[int, int]], counts: list[int], consumed: int, epoch_order) -> list[tuple[int, int]]:
+    """Per-shard progress after a host reads `consumed` more windows of its shards (`counts`
+    windows each) from `progress`; whole epochs at once when every shard is at an epoch's start."""
+    progress, total = list(progress), sum(counts)
+    while consumed > 0 and total > 0:
+        if len({visits for visits, _ in progress}) == 1 and not any(skip for _, skip in progress):
+            epochs, consumed = divmod(consumed, total)
+            progress = [(progress[0][0] + epochs, 0)] * len(progress)
+        first_epoch = min(visits for visits, _ in progress)
+        for k, epoch, skip in _visits(list(progress), epoch_order, None):
+            if epoch > first_epoch or consumed == 0:
+                break
+            taken = min(consumed, counts[k] - skip)
+            consumed -= taken
+            progress[k] = (epoch + 1, 0) if skip + taken == counts[k] else (epoch, skip + taken)
+    return progress
+
+
 def _locate_corruption(files: Sequence[pathlib.Path], error: Exception) -> ShardError:
     """Re-reads each shard to name the one that failed (tf.data's error does not say which file)."""
     import tensorflow as tf
@@ -436,7 +522,10 @@ _OUT_DTYPES = {"inputs_embeds": np.float32, "labels": np.float32, "attention_mas
 class InMemoryWindows(_BatchStream):
     """The `ShardReader` contract over numpy arrays with a leading window axis [N, ...]
     (inputs_embeds, labels, attention_mask, optional prot_ids / window_index / others, which are
-    passed through). Host p of P takes windows p, p+P, ...; each epoch is one seeded permutation."""
+    passed through). Each epoch is one seeded permutation of all N windows, cut into global
+    batches of batch_size * P; host p of P yields rows [p * batch_size, (p + 1) * batch_size) of
+    each (rows p, p+P, ... of a last, smaller one), so any process count sees the same global
+    batches and `consumed` counts the windows of all hosts."""
 
     def __init__(self, arrays: dict, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
@@ -451,26 +540,45 @@ class InMemoryWindows(_BatchStream):
         if "prot_ids" not in arrays:  # the running gene counter, as the writer stores it
             mask = arrays["attention_mask"] != 0
             arrays["prot_ids"] = np.where(mask, np.cumsum(mask.reshape(-1)).reshape(mask.shape), 0)
-        self.arrays = {k: v[process_index::process_count] for k, v in arrays.items()}
-        self.examples_per_epoch = len(self.arrays["inputs_embeds"])
+        self.arrays = arrays
+        self.num_windows = n
+        self.examples_per_epoch = len(range(process_index, n, process_count))  # this host's share
         if self.examples_per_epoch == 0:
             raise InputError(f"host {process_index}/{process_count} has no windows (N = {n})")
+        self._last_taken = 0
 
     @classmethod
     def from_npz(cls, path: str | pathlib.Path, batch_size: int, **kwargs) -> "InMemoryWindows":
         with np.load(path, allow_pickle=False) as f:
             return cls(dict(f), batch_size, **kwargs)
 
+    def _fingerprint(self) -> dict:
+        return {**super()._fingerprint(), "num_windows": self.num_windows}
+
+    @property
+    def epoch(self) -> int:
+        return self._consumed // self.num_windows
+
+    def _taken(self, batch: dict) -> int:
+        return self._last_taken
+
     def _indices(self, consumed: int) -> Iterator[int]:
-        epoch, offset = divmod(consumed, self.examples_per_epoch)
+        epoch, offset = divmod(consumed, self.num_windows)
         while self.num_epochs is None or epoch < self.num_epochs:
-            yield from self._epoch_order(epoch, self.examples_per_epoch)[offset:]
+            yield from self._epoch_order(epoch, self.num_windows)[offset:]
             epoch, offset = epoch + 1, 0
 
     def _batches(self, consumed: int) -> Iterator[dict]:
-        indices = self._indices(consumed)
+        indices, global_size = self._indices(consumed), self.batch_size * self.process_count
         while True:
-            rows = np.fromiter(itertools.islice(indices, self.batch_size), np.int64)
-            if len(rows) == 0 or (self.drop_remainder and len(rows) < self.batch_size):
+            rows = np.fromiter(itertools.islice(indices, global_size), np.int64)
+            if len(rows) == global_size:
+                mine = rows[self.process_index * self.batch_size:(self.process_index + 1) * self.batch_size]
+            elif self.drop_remainder:
                 return
-            yield {k: v[rows].astype(_OUT_DTYPES.get(k, v.dtype)) for k, v in self.arrays.items()}
+            else:  # the stream's last, smaller global batch: hosts' shares differ by at most one
+                mine = rows[self.process_index::self.process_count]
+            if len(mine) == 0:
+                return
+            self._last_taken = len(rows)
+            yield {k: v[mine].astype(_OUT_DTYPES.get(k, v.dtype)) for k, v in self.arrays.items()}
