@@ -31,8 +31,9 @@ yet written, a rerun with other settings is refused. The final tables are assemb
 Several processes (--distributed). Every process reads the inputs and plans the same chunks;
 chunk n is computed by process n % processes on that process's own devices, with no coordination
 until all have finished; then process 0 writes the final tables. The result equals a 1-process
-run row by row; after a process dies, the rerun computes only the chunks missing. Process 0 embeds
-the distinct proteins while the others wait.
+run row by row; after a process dies, the rerun computes only the chunks missing. The distinct
+proteins are split the same way (by a hash of the sequence): each process embeds its share into its
+own part of the store, and all wait until every part is written.
 
 Attention maps (attention="maps"): out_dir/maps/attention-NNNNN.npy, float32
 [windows_in_chunk, layers, heads, window, window] per chunk (padded positions included: slice
@@ -45,8 +46,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import pathlib
+import shutil
 from typing import Callable, Sequence
 
 import jax
@@ -93,7 +96,7 @@ def infer_genomes(genome_paths: Sequence[str | pathlib.Path], checkpoint: str | 
     else:
         source, featurize, survey, identity_inputs, feature_source = _genomes_input(
             genome_paths, contig_table, checkpoint, config, options, feature_transform, esm2_dir,
-            store_dir or out_dir / "embeddings", progress, log)
+            store_dir or out_dir / "embeddings", out_dir, progress, log)
     identity = {"inputs": identity_inputs, "model": tables.model_fingerprint(model), "compute_dtype": compute_dtype,
                 "options": dataclasses.asdict(options), "windows": survey.windows, "genes": survey.genes}
     identity = json.loads(json.dumps(identity))  # as the manifest stores it (tuples become lists)
@@ -141,9 +144,9 @@ def infer_genomes(genome_paths: Sequence[str | pathlib.Path], checkpoint: str | 
 
 
 def _genomes_input(genome_paths, contig_table, checkpoint, config, options: InferenceOptions, feature_transform,
-                   esm2_dir, store_dir, progress: bool, log):
-    """(window source, featurize, survey, manifest inputs, feature source) of genome files; the
-    distinct proteins embedded (by process 0) before it returns."""
+                   esm2_dir, store_dir, out_dir: pathlib.Path, progress: bool, log):
+    """(window source, featurize, survey, manifest inputs, feature source) of genome files; every
+    distinct protein is in the store when it returns (each process embeds its share)."""
     if not genome_paths:
         raise InferenceInputError("no genome files given")
     transform, feature_source, info = resolve_features(checkpoint, feature_transform)
@@ -163,26 +166,24 @@ def _genomes_input(genome_paths, contig_table, checkpoint, config, options: Infe
         return plan.genome_windows(inputs.read_contigs(genome_paths, contig_table, report), options.window,
                                    options.step)
 
-    primary = jax.process_index() == 0
+    process, processes = jax.process_index(), jax.process_count()
     report, genes_by_file = genomes.ReadReport(), collections.Counter()
-    proteins = inputs.DistinctProteins() if primary else None
+    with inputs.protein_spill(out_dir, process, processes) as spill:
+        def on_contig(contig):
+            genes_by_file[contig.source] += len(contig.genes)
+            for gene in contig.genes:
+                spill.add(gene.protein)
 
-    def on_contig(contig):
-        genes_by_file[contig.source] += len(contig.genes)
-        if proteins is not None:
-            proteins.add(contig)
-
-    survey = plan.survey(source(report), options.chunk_windows, on_contig)
-    inputs.check_every_file_has_genes(genome_paths, genes_by_file)
-    log(f"read {survey.genes} genes on {survey.contigs} contigs from {len(genome_paths)} file(s); "
-        f"skipped {report.skipped_cds} CDS {dict(report.skipped_by_reason)}")
-    if primary:
-        store = inputs.embed_distinct(proteins, esm2_dir, store_dir, info, progress, log)
-        del proteins
+        survey = plan.survey(source(report), options.chunk_windows, on_contig)
+        inputs.check_every_file_has_genes(genome_paths, genes_by_file)
+        log(f"read {survey.genes} genes on {survey.contigs} contigs from {len(genome_paths)} file(s); "
+            f"skipped {report.skipped_cds} CDS {dict(report.skipped_by_reason)}")
+        inputs.embed_distinct(spill.close(), esm2_dir, store_dir, info, process, processes, progress, log)
+    shutil.rmtree(spill.directory)
     distributed.barrier("infer-proteins-embedded")
-    if not primary:
-        store = inputs.open_store(store_dir)
-    featurize = inputs.GenomeFeatures(store, transform, options.window, info.get("dtype", "float16"))
+    store = inputs.open_store(store_dir)
+    featurize = inputs.GenomeFeatures(functools.partial(inputs.open_store, store_dir), transform, options.window,
+                                      info.get("dtype", "float16"))
     identity_inputs = {
         "genomes": [[pathlib.Path(p).name, tables.file_digest(pathlib.Path(p))] for p in genome_paths],
         "contig_table": tables.file_digest(pathlib.Path(contig_table)) if contig_table else None,

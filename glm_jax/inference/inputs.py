@@ -2,13 +2,15 @@
 the ESM2 embedding store, and the checkpoint's training features applied to each chunk's windows."""
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
-from typing import Iterator, Sequence
+import shutil
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from glm_jax.data import features, genomes
+from glm_jax.data import features, genomes, protein_set
 from glm_jax.inference.options import InferenceInputError
 from glm_jax.inference.plan import PlannedWindow
 
@@ -32,36 +34,46 @@ def check_every_file_has_genes(genome_paths: Sequence[str | pathlib.Path], genes
             raise InferenceInputError(f"{path}: no CDS with a protein sequence; nothing to infer")
 
 
-class DistinctProteins:
-    """The distinct protein sequences of the contigs it is shown, in first-seen order (held in
-    memory: one Python string per distinct protein)."""
+@contextlib.contextmanager
+def protein_spill(out_dir: pathlib.Path, process: int, processes: int) -> Iterator[protein_set.ProteinSpill]:
+    """The distinct proteins of this process's share (hash partitions q % processes == process),
+    spilled under out_dir (glm_jax.data.protein_set: memory holds one buffer, not the corpus).
+    On an error the spill, and out_dir when this run created it and left it empty, are removed:
+    bad input leaves nothing behind."""
+    created = not out_dir.exists()
+    directory = out_dir / f".proteins-p{process:05d}"
+    try:
+        yield protein_set.ProteinSpill(directory, owned=lambda q: q % processes == process)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
 
-    def __init__(self):
-        self._seen: dict[str, None] = {}
 
-    def add(self, contig: genomes.Contig) -> None:
-        for gene in contig.genes:
-            if gene is not None:
-                self._seen.setdefault(gene.protein)
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._seen)
+# Proteins looked up in the store at a time while embedding: bounds the lookup's scratch arrays
+# (the store's fence search holds ~12 kB per query) while still filling many ESM2 batches.
+EMBED_CHUNK = 20_000
 
 
-def embed_distinct(proteins: DistinctProteins, esm2_dir, store_dir, info: dict, progress: bool, log):
-    """Every protein in the ESM2 store (resumable; at the layer the training shards used)."""
+def embed_distinct(proteins: protein_set.ProteinSet, esm2_dir, store_dir, info: dict, process: int,
+                   processes: int, progress: bool, log):
+    """This process's share of the distinct proteins in its own part of the ESM2 store
+    (resumable; at the layer the training shards used)."""
     from glm_jax.proteins import embed as protein_embed
     layer = info.get("esm2", {}).get("layer")
-    store = protein_embed.embed_proteins(proteins, store_dir, esm2_dir, layer=layer, progress=progress)
+    store = protein_embed.embed_proteins(proteins, store_dir, esm2_dir, layer=layer, progress=progress,
+                                         writer=f"p{process:05d}", chunk_size=EMBED_CHUNK)
     run = store.last_run
-    log(f"ESM2: {run.unique} distinct proteins, {run.already_stored} already in {store_dir}, {run.embedded} embedded")
+    share = f" (process {process}'s share of {processes})" if processes > 1 else ""
+    log(f"ESM2: {run.unique} distinct proteins{share}, {run.already_stored} already in {store_dir}, "
+        f"{run.embedded} embedded")
     return store
 
 
 def open_store(store_dir):
+    """The store with every writer's part (read only)."""
     from glm_jax.proteins import embed as protein_embed
     return protein_embed.EmbeddingStore(store_dir)
 
@@ -72,10 +84,14 @@ class GenomeFeatures:
     """Model inputs of planned windows from the embedding store and the feature transform.
 
     Features are rounded to `dtype` (float16 unless the training shards say otherwise) before the
-    model, as make-shards stores them, so a window gives what training and `embed` saw."""
+    model, as make-shards stores them, so a window gives what training and `embed` saw. The store
+    is opened afresh for each chunk (`open_store()`: cheap, a few small files): its rows are
+    memory-mapped, and the pages one chunk read would otherwise stay mapped and count in the
+    process's memory, up to the whole store by the end of a large run."""
 
-    def __init__(self, store, transform: features.FeatureTransform, window: int, dtype: str = "float16"):
-        self.store, self.transform, self.window, self.dtype = store, transform, window, np.dtype(dtype)
+    def __init__(self, open_store: Callable, transform: features.FeatureTransform, window: int,
+                 dtype: str = "float16"):
+        self.open_store, self.transform, self.window, self.dtype = open_store, transform, window, np.dtype(dtype)
 
     def __call__(self, windows: Sequence[PlannedWindow]) -> dict[str, np.ndarray]:
         """-> inputs_embeds [n, S, E] float32, labels [n, S, K] float32, attention_mask [n, S] int32,
@@ -88,7 +104,7 @@ class GenomeFeatures:
         for i, window in enumerate(genes):
             rows[i, :len(window)] = [row_of[g.protein] for g in window]
             strands[i, :len(window)] = [g.strand for g in window]
-        embeddings = self.store.get(proteins)
+        embeddings = self.open_store().get(proteins)
         arrays = features.window_arrays(self.transform, embeddings, rows, strands, dtype=self.dtype)
         esm = np.where((rows >= 0)[..., None], embeddings[np.maximum(rows, 0)].astype(np.float32), 0.0)
         return {"inputs_embeds": arrays["inputs_embeds"].astype(np.float32),
