@@ -290,3 +290,26 @@ def save_original_checkpoint(config: GLMConfig, directory, seed: int) -> "torch.
     torch.save(reference.state_dict(), directory / "glm.bin")
     (directory / "config.json").write_text(json.dumps(torch_reference.roberta_config(config).to_dict()))
     return reference
+
+
+# --- stand-in protein embeddings -----------------------------------------------------------------
+
+class HashEmbeddings:
+    """Deterministic float16 'embeddings' of protein sequences (a normal draw seeded by the
+    sequence's sha256), anisotropic so a PCA is meaningful: the `embed` argument of make-shards
+    without a model. `requested` records what each call was given."""
+
+    def __init__(self, dim: int = 48):
+        self.dim, self.requested = dim, []
+
+    def __call__(self, sequences):
+        self.requested.append(list(sequences))
+        return self
+
+    def get(self, sequences):
+        import hashlib
+
+        def one(sequence):
+            rng = np.random.default_rng(int.from_bytes(hashlib.sha256(sequence.encode()).digest()[:8], "little"))
+            return rng.normal(size=self.dim) * np.linspace(3, 0.2, self.dim) + 1
+        return np.array([one(s) for s in sequences], np.float16).reshape(len(sequences), self.dim)

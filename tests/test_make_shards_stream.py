@@ -1,6 +1,6 @@
 """Streaming make-shards: the same windows with the same content per split as the code before it
 (golden), across processes, after a lost host, and on bad input. Embeddings are a hash of each
-sequence (`HashStore`) except where the ESM2 store itself is under test (tiny random ESM2)."""
+sequence (`helpers.HashEmbeddings`) except where the ESM2 store itself is under test (tiny random ESM2)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,6 +13,7 @@ import pytest
 from glm_jax.data import features
 from glm_jax.data import make_shards as pipeline
 from glm_jax.data import shards
+from helpers import HashEmbeddings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
@@ -25,24 +26,6 @@ QUIET = dict(progress=False, log=lambda *_: None)
 GOLDEN_VARIANTS = {"by_contig": dict(eval_fraction=0.2, seed=0, **QUIET),
                    "by_window_stride_20": dict(eval_fraction=0.2, seed=3, split_by="window",
                                                window=pipeline.WindowConfig(30, 12, 20), **QUIET)}
-
-
-class HashStore:
-    """Deterministic float16 'embeddings' per sequence (a seeded normal draw), anisotropic so a PCA
-    is meaningful; `requested` records what each embed call asked for."""
-
-    def __init__(self, dim=EMB_DIM):
-        self.dim, self.requested = dim, []
-
-    def __call__(self, sequences):
-        self.requested.append(list(sequences))
-        return self
-
-    def get(self, sequences):
-        def one(sequence):
-            rng = np.random.default_rng(int.from_bytes(hashlib.sha256(sequence.encode()).digest()[:8], "little"))
-            return rng.normal(size=self.dim) * np.linspace(3, 0.2, self.dim) + 1
-        return np.array([one(s) for s in sequences], np.float16).reshape(len(sequences), self.dim)
 
 
 def fixed_transform(dim=EMB_DIM, k=NUM_COMPONENTS) -> features.FeatureTransform:
@@ -95,7 +78,7 @@ def _golden() -> dict:
 def test_streaming_make_shards_writes_the_golden_windows(variant, tmp_path):
     """Every window of the shipped genomes lands in the same split with the same record (ids,
     place in the split, running prot_ids, proteins, strands, labels, features) as before streaming."""
-    pipeline.make_shards(SHIPPED, tmp_path, HashStore(), transform=fixed_transform(), **GOLDEN_VARIANTS[variant])
+    pipeline.make_shards(SHIPPED, tmp_path, HashEmbeddings(), transform=fixed_transform(), **GOLDEN_VARIANTS[variant])
     got, want = window_digests(tmp_path), _golden()[variant]
     assert {k: len(v) for k, v in got.items()} == {k: len(v) for k, v in want.items()}
     for split in want:
@@ -105,7 +88,7 @@ def test_streaming_make_shards_writes_the_golden_windows(variant, tmp_path):
 
 def test_fitted_normalisation_matches_the_golden(tmp_path):
     """Fitting streams over the hash partitions: the same numbers up to float64 summation order."""
-    store = HashStore()
+    store = HashEmbeddings()
     pipeline.make_shards(SHIPPED, tmp_path, store, num_components=NUM_COMPONENTS, **GOLDEN_VARIANTS["by_contig"])
     assert len(store.requested) == 1 and len(store.requested[0]) == len(set(store.requested[0]))  # each protein once
     got = features.load_feature_transform(tmp_path / "normalization.npz")
@@ -133,3 +116,68 @@ def test_the_split_hashes_genome_and_contig_and_nothing_else():
     # recorded values: both inputs matter
     assert [pipeline.split_of(window(s, c), 0.5) for s, c in [("a.gbk", "c1"), ("c.gbk", "c1"), ("a.gbk", "c2")]] \
         == ["eval", "train", "train"]
+
+
+# --- several processes ---------------------------------------------------------------------------
+
+MP_SCRIPT = REPO / "tests" / "scripts" / "mp_make_shards.py"
+MP_GENOMES = [str(REPO / "data" / "genomes" / "pharokka_meta_5phages.gbk.gz")]
+
+
+def _run_script(out, *extra, processes: int = 1):
+    """mp_make_shards.py as one plain process, or as `processes` through `glm-jax launch-local`."""
+    import os
+    import subprocess
+    import sys
+    command = [sys.executable, str(MP_SCRIPT), str(out), *MP_GENOMES, *extra]
+    if processes > 1:
+        command = [sys.executable, "-m", "glm_jax.cli", "launch-local", "--processes", str(processes), "--", *command]
+    env = os.environ | {"PYTHONPATH": str(REPO / "tests"), "GLM_JAX_HEARTBEAT_TIMEOUT": "10"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "shards"
+    result = _run_script(out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def _shard_contents(out) -> dict[str, list[dict]]:
+    """Every shard's records in file order (parsed: protobuf does not fix the byte order of a map)."""
+    return {p.name: shard_records(p) for p in sorted(pathlib.Path(out).glob("*.tfrecord"))}
+
+
+@pytest.mark.multiprocess
+def test_two_processes_write_the_shards_of_one(one_process, tmp_path):
+    """2 processes (each plans every window, embeds its protein partitions, writes its shards) ==
+    1 process: the same records in the same order in every shard file, hence the same windows in the same splits."""
+    result = _run_script(tmp_path, processes=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    embedded = [int(line.split()[-1]) for line in result.stdout.splitlines() if "embedded" in line.split()[1:2]]
+    single = shards.load_dataset_info(one_process)
+    assert len(embedded) == 2 and sum(embedded) == single["normalization"]["n_samples"]  # each protein once
+    assert _shard_contents(tmp_path) == _shard_contents(one_process)
+    assert window_digests(tmp_path) == window_digests(one_process)
+    two = shards.load_dataset_info(tmp_path)
+    assert two["processes"] == 2 and two["splits"] == single["splits"]
+    assert (tmp_path / "normalization.npz").read_bytes() == (one_process / "normalization.npz").read_bytes()
+    assert not (tmp_path / ".make-shards").exists()
+
+
+@pytest.mark.multiprocess
+def test_a_host_lost_while_writing_is_redone_alone(one_process, tmp_path):
+    """Process 1 is killed while writing its shards: no dataset_info.json; the rerun keeps
+    process 0's shards (files untouched) and both plans and embeddings, and rewrites process 1's."""
+    killed = _run_script(tmp_path, "--die-at-get", "2", processes=2)
+    assert killed.returncode != 0 and not (tmp_path / shards.INFO_FILE).exists()
+    first_host = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*-0000[02468]-of-*.tfrecord")}
+    assert first_host
+    rerun = _run_script(tmp_path, processes=2)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "[p0] resuming: plan, embed, shards kept" in rerun.stdout
+    assert "[p1] resuming: plan, embed kept" in rerun.stdout
+    assert " embedded " not in rerun.stdout
+    assert {name: (tmp_path / name).stat().st_mtime_ns for name in first_host} == first_host
+    assert _shard_contents(tmp_path) == _shard_contents(one_process)

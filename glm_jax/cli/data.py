@@ -7,7 +7,7 @@ from glm_jax.cli import common
 
 
 def make_shards_main(argv: list[str]) -> int:
-    from glm_jax.data import features, make_shards, shards
+    from glm_jax.data import features, make_shards, protein_set, shards
     from glm_jax.data.windows import WindowConfig
     p = common.parser("make-shards", make_shards.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("genomes", nargs="+", help=".gb/.gbk/.gbff, .gff/.gff3, .faa (+ --contig-table), .fna/.fa (pyrodigal); .gz ok")
@@ -32,27 +32,44 @@ def make_shards_main(argv: list[str]) -> int:
     p.add_argument("--split-by", choices=("contig", "window"), default="contig",
                    help="unit of the train/eval split (window: for corpora of a few long contigs)")
     p.add_argument("--num-shards", type=common.positive_int, help="shards per split (default: ~128 MB each, >= 8)")
-    p.add_argument("--shard-multiple", type=common.positive_int, default=8, help="shard counts are a multiple of this (hosts)")
+    p.add_argument("--shard-multiple", type=common.positive_int, default=8,
+                   help="shard counts are a multiple of this (and of the processes): reading hosts")
+    p.add_argument("--shuffle-buffer", type=int, default=make_shards.DEFAULT_SHUFFLE_BUFFER,
+                   help="windows held per shard while writing, to mix them (0: genome order within a shard)")
+    p.add_argument("--protein-partitions", type=common.positive_int, default=protein_set.DEFAULT_PARTITIONS,
+                   help="hash partitions of the distinct-protein set (each deduplicated in memory alone)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--seed", type=int, default=0)
     common.add_unknown_residue_argument(p)
     common.add_progress_argument(p)
+    common.add_distributed_arguments(p)
     args = p.parse_args(argv)
     out_dir = common.output_dir(args.out)
+    common.start_distributed(args)
+    processes = make_shards.Processes()
+    if args.distributed:
+        import jax
+
+        from glm_jax import distributed
+        processes = make_shards.Processes(jax.process_index(), jax.process_count(), distributed.barrier)
     transform, source = None, ""
     if args.normalization is not None:
         transform = features.load_feature_transform(args.normalization, args.pca)
         source = str(args.normalization) + (f" + {args.pca}" if args.pca else "")
     embed, esm_info = make_shards.esm2_embedder(args.esm2, args.store or out_dir / "embeddings", layer=args.layer,
                                                 max_tokens=args.max_tokens, compute_dtype=args.compute_dtype,
-                                                attention=args.esm2_attention, progress=not args.no_progress)
+                                                attention=args.esm2_attention, progress=not args.no_progress,
+                                                writer=f"p{processes.index:05d}" if processes.count > 1 else None)
     info = make_shards.make_shards(
         args.genomes, out_dir, embed, transform=transform, transform_source=source,
         window=WindowConfig(args.window, args.min_genes, args.stride), eval_fraction=args.eval_fraction,
         split_by=args.split_by, num_shards=args.num_shards, shard_multiple=args.shard_multiple, dtype=args.dtype,
         seed=args.seed, contig_table=args.contig_table, num_components=args.num_components,
         progress=not args.no_progress, extra_info=esm_info, pad_to_multiple=args.pad_to_multiple,
-        unknown=common.unknown_residues(args))
+        unknown=common.unknown_residues(args), shuffle_buffer=args.shuffle_buffer,
+        num_partitions=args.protein_partitions, processes=processes)
+    if processes.index:
+        return 0  # process 0 reports
     counts = ", ".join(f"{name} {split['num_windows']} windows in {len(split['shards'])} shards"
                        for name, split in info["splits"].items())
     print(f"wrote {out_dir}: {counts}; normalization.npz, {shards.INFO_FILE}")

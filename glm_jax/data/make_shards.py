@@ -110,6 +110,9 @@ def make_shards(genome_paths: Sequence[str | pathlib.Path], out_dir: str | pathl
     created = not out_dir.exists()
     work = Workspace(out_dir, processes.index, processes.count, run)
     spill = WindowSpill(work.dir / "windows.pkl")
+    kept = [stage for stage in ("plan", "embed", "shards") if work.load(stage) is not None]
+    if kept:
+        log(f"resuming: {', '.join(kept)} kept from an earlier run ({work.dir})")
 
     # 1. plan: every window's split, place and shard; this process's windows and protein partitions spilled
     plan_marker = work.load("plan")

@@ -28,11 +28,11 @@ if __name__ == "__main__":
         golden = {}
         for name, options in t.GOLDEN_VARIANTS.items():
             out = pathlib.Path(tmp) / name
-            pipeline.make_shards(t.SHIPPED, out, t.HashStore(), transform=t.fixed_transform(), **options)
+            pipeline.make_shards(t.SHIPPED, out, t.HashEmbeddings(), transform=t.fixed_transform(), **options)
             golden[name] = t.window_digests(out)
         (REPO / "tests/golden/make_shards_windows.json").write_text(json.dumps(golden, indent=0, sort_keys=True))
         fitted = pathlib.Path(tmp) / "fitted"
-        pipeline.make_shards(t.SHIPPED, fitted, t.HashStore(), num_components=t.NUM_COMPONENTS,
+        pipeline.make_shards(t.SHIPPED, fitted, t.HashEmbeddings(), num_components=t.NUM_COMPONENTS,
                              **t.GOLDEN_VARIANTS["by_contig"])
         with np.load(fitted / "normalization.npz") as f:
             np.savez(REPO / "tests/golden/make_shards_normalization.npz", **dict(f))
