@@ -88,8 +88,9 @@ def key_hashes(keys: Sequence[str] | np.ndarray) -> np.ndarray:
 
 
 def sequence_hashes(sequences: Iterable[str]) -> np.ndarray:
-    """Sequences -> uint64 [n, 2] key hashes (of their normalised forms)."""
-    return key_hashes([sequence_key(s) for s in sequences])
+    """Sequences -> uint64 [n, 2] key hashes (of their normalised forms; = key_hashes of their keys)."""
+    raw = b"".join(hashlib.sha256(normalise_sequence(s).encode()).digest()[:16] for s in sequences)
+    return np.frombuffer(raw, ">u8").astype(np.uint64).reshape(-1, 2)
 
 
 def share_of(hashes: np.ndarray, count: int) -> np.ndarray:
@@ -112,6 +113,22 @@ def _map(path: pathlib.Path, dtype, count: int) -> np.ndarray:
     if hasattr(mapped, "madvise"):
         mapped.madvise(mmap.MADV_RANDOM)
     return np.frombuffer(mapped, dtype, count)
+
+
+def _willneed(array: np.ndarray, offsets: np.ndarray, length: int) -> None:
+    """Starts reading the byte ranges [offset, offset + length) of a mapped array, all at once
+    (MADV_WILLNEED queues the reads and returns), so the accesses that follow wait for one round
+    of parallel reads instead of one page fault after another: a cold `get` of 1,000 keys from a
+    10^7-row store goes from ~5,000 sequential faults to three rounds of parallel reads."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):  # array -> ... -> memoryview -> mmap
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if base is None or not hasattr(base, "madvise") or not len(offsets):
+        return
+    size = len(base)
+    for start in np.unique(np.asarray(offsets, np.int64) // mmap.PAGESIZE * mmap.PAGESIZE):
+        start = int(start)
+        base.madvise(mmap.MADV_WILLNEED, start, min(start + length + mmap.PAGESIZE, size) - start)
 
 
 def _find(hi: np.ndarray, lo: np.ndarray, rows: np.ndarray, start: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -160,7 +177,7 @@ class Part:
         tail = np.fromfile(self.path / KEYS_FILE, np.uint64, 2 * (self.rows - self.indexed),
                            offset=16 * self.indexed).reshape(-1, 2) if self.rows > self.indexed else None
         self._set_tail(tail)
-        self._embeddings = _map(self.path / EMBEDDINGS_FILE, np.float16, self.rows * self.dim).reshape(-1, self.dim)
+        self._embeddings = _map(self.path / EMBEDDINGS_FILE, np.float16, self.rows * self.dim).reshape(self.rows, self.dim)
 
     def _set_tail(self, hashes: np.ndarray | None) -> None:
         """The unindexed rows [indexed, rows), sorted by high word in memory."""
@@ -179,10 +196,12 @@ class Part:
             # hi >= q lies in (F * (b - 1), F * b] for b = the number of fences below q.
             block = np.searchsorted(self._fences, query[:, 0], side="left")
             low = np.maximum(block - 1, 0) * FENCE
+            _willneed(self._index, 8 * low, 8 * (FENCE + 1))
             window = low[:, None] + np.arange(FENCE + 1)
             inside = window < self.indexed
             values = hi[np.minimum(window, self.indexed - 1)]
             start = low + np.sum((values < query[:, :1]) & inside, axis=1)
+            _willneed(self._index, 8 * np.concatenate([self.indexed + start, 2 * self.indexed + start]), 16)
             found = _find(hi, self._index[1], self._index[2], start, query)
         if len(self._tail):
             tail = _find(self._tail[:, 0], self._tail[:, 1], self._tail_rows,
@@ -193,6 +212,7 @@ class Part:
     def read(self, rows: np.ndarray) -> np.ndarray:
         """int64 [n] rows -> float16 [n, dim], reading only those rows (in ascending order)."""
         order = np.argsort(rows)
+        _willneed(self._embeddings, 2 * self.dim * rows, 2 * self.dim)
         out = np.empty((len(rows), self.dim), np.float16)
         out[order] = self._embeddings[rows[order]]
         return out
@@ -303,7 +323,7 @@ class PartWriter(Part):
                 os.fsync(handle.fileno())
         self.rows += len(hashes)
         self._write_info()
-        self._embeddings = _map(self.path / EMBEDDINGS_FILE, np.float16, self.rows * self.dim).reshape(-1, self.dim)
+        self._embeddings = _map(self.path / EMBEDDINGS_FILE, np.float16, self.rows * self.dim).reshape(self.rows, self.dim)
         self._tail_keys.append(np.asarray(hashes, np.uint64))
         if self.rows - self.indexed >= TAIL_ROWS:
             self.fold()
@@ -461,20 +481,22 @@ class EmbeddingStore:
 
     def get(self, sequences: Sequence[str]) -> np.ndarray:
         """Embeddings of `sequences` -> float16 [n, dim]; KeyError naming missing sequences."""
-        hashes = sequence_hashes(sequences) if len(sequences) else np.empty((0, 2), np.uint64)
-        part_of, _ = self.locate(hashes)
+        part_of, row_of = self.locate(sequence_hashes(sequences) if len(sequences) else np.empty((0, 2), np.uint64))
         absent = [s for s, p in zip(sequences, part_of) if p < 0]
         if absent:
             shown = ", ".join(repr(s[:20] + ("..." if len(s) > 20 else "")) for s in absent[:5])
             raise KeyError(f"{len(absent)} sequence(s) not in {self.path}: {shown}")
-        return self.get_hashes(hashes)
+        return self._read(part_of, row_of)
 
     def get_hashes(self, hashes: np.ndarray) -> np.ndarray:
         """uint64 [n, 2] key hashes -> float16 [n, dim] (KeyError when one is absent)."""
         part_of, row_of = self.locate(hashes)
         if (part_of < 0).any():
             raise KeyError(f"{int((part_of < 0).sum())} key(s) not in {self.path}")
-        out = np.empty((len(hashes), self.embedding_dim), np.float16)
+        return self._read(part_of, row_of)
+
+    def _read(self, part_of: np.ndarray, row_of: np.ndarray) -> np.ndarray:
+        out = np.empty((len(part_of), self.embedding_dim), np.float16)
         for p in np.unique(part_of):
             picked = np.flatnonzero(part_of == p)
             out[picked] = self._parts[p].read(row_of[picked])
