@@ -43,7 +43,7 @@ _EXPORTS = {
     "fit_normalization": "glm_jax.data.make_shards",
     # proteins
     "load_esm2": "glm_jax.proteins.esm2",
-    "EmbeddingStore": "glm_jax.proteins.embed",
+    "EmbeddingStore": "glm_jax.proteins.store",
     "embed_proteins": "glm_jax.proteins.embed",
     # training
     "train_and_evaluate": "glm_jax.train.trainer",
