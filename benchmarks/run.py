@@ -37,6 +37,8 @@ CASES = {  # name -> (module, what it measures)
     "attention": ("benchmarks.cases.attention", "attention implementations: time and memory vs contig length"),
     "input_pipeline": ("benchmarks.cases.input_pipeline",
                        "shard readers (windows/s) vs what the gLM-base train step consumes"),
+    "data_pipeline": ("benchmarks.cases.data_pipeline",
+                      "make-shards on a synthetic metagenome: peak RSS, genes/s vs corpus size"),
 }
 
 

@@ -1,0 +1,146 @@
+"""data_pipeline: `glm-jax make-shards` on a synthetic metagenome at growing sizes: peak RSS and speed.
+
+For each --genes size, benchmarks/synthetic_metagenome.py writes a metagenome (protein FASTA +
+contig table, the original's format, or GenBank with --format gbk: 30-120 residue proteins, a
+third of them repeats) and `glm-jax make-shards` runs on it in a fresh process with a random
+--esm2-layers x --esm2-dim ESM2 (default 1 x 256: embeddings of gLM-like width, a model cheap
+enough that the pipeline, not the model, is measured) and a new embedding store. Recorded per
+size: wall time of the whole command, the child's peak RSS (os.wait4's ru_maxrss, that process
+alone), genes/s (items_per_s), distinct proteins/s and windows/s. --baseline REF runs the same
+command with the code of commit REF (git archive) for comparison (ratio_vs_baseline = its time /
+this time; its peak RSS in extra). `infer` is not measured here yet.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks import synthetic_metagenome
+from benchmarks.recorder import REPO
+
+CASE = "data_pipeline"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--genes", default="10000,100000", help="comma-separated corpus sizes in genes")
+    parser.add_argument("--format", choices=("faa", "gbk"), default="faa")
+    parser.add_argument("--esm2-dim", type=int, default=256, help="hidden size of the random ESM2")
+    parser.add_argument("--esm2-layers", type=int, default=1)
+    parser.add_argument("--workdir", type=pathlib.Path, help="where corpora and outputs go (default: a temporary folder)")
+    parser.add_argument("--baseline", metavar="REF", help="also run the code of git commit REF on the same corpora")
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds allowed per make-shards run")
+
+
+def random_esm2(directory: pathlib.Path, hidden: int, layers: int) -> pathlib.Path:
+    """A random ESM2 saved by transformers (the tests' tiny model, at `hidden` x `layers`)."""
+    if (directory / "config.json").is_file():
+        return directory
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.EsmConfig(vocab_size=33, hidden_size=hidden, num_hidden_layers=layers,
+                                    num_attention_heads=max(1, hidden // 64), intermediate_size=4 * hidden,
+                                    position_embedding_type="rotary", token_dropout=True, pad_token_id=1,
+                                    mask_token_id=32, max_position_embeddings=1026, layer_norm_eps=1e-5)
+    transformers.EsmModel(config, add_pooling_layer=False).eval().save_pretrained(directory)
+    return directory
+
+
+def corpus(workdir: pathlib.Path, genes: int, fmt: str) -> list[str]:
+    """The make-shards inputs of a synthetic metagenome of `genes` genes (written once per workdir)."""
+    folder = workdir / f"metagenome-{genes}-{fmt}"
+    done = folder / "done"
+    if not done.is_file():
+        if fmt == "faa":
+            synthetic_metagenome.write_faa(folder, genes)
+        else:
+            synthetic_metagenome.write_gbk(folder, genes)
+        done.write_text("")
+    if fmt == "faa":
+        return [str(folder / "proteins.faa"), "--contig-table", str(folder / "contig_to_prots.tsv")]
+    return [str(folder / "metagenome.gbk")]
+
+
+def measure(command: list[str], env: dict, cwd: pathlib.Path, timeout: float) -> dict:
+    """Runs `command` -> wall seconds, the child's peak RSS (bytes), exit status, its output tail."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as log:
+        child = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = start + timeout
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                child.kill()
+                pid, status, usage = os.wait4(child.pid, 0)
+                break
+            time.sleep(0.2)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        tail = log.read()[-2000:]
+    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024, "returncode": child.returncode, "log": tail}
+
+
+def baseline_tree(workdir: pathlib.Path, ref: str) -> pathlib.Path:
+    """The glm_jax package of commit `ref`, unpacked (run with it as the working directory)."""
+    tree = workdir / f"code-{ref}"
+    if not (tree / "glm_jax").is_dir():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "glm_jax"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
+def run(args, recorder) -> None:
+    sizes = [2000] if args.quick else [int(g) for g in args.genes.split(",")]
+    workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="glm-jax-data-pipeline-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = random_esm2(workdir / f"esm2-{args.esm2_layers}x{args.esm2_dim}", args.esm2_dim, args.esm2_layers)
+    env = os.environ | {"USE_TF": "0", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ""}
+    for genes in sizes:
+        inputs = corpus(workdir, genes, args.format)
+        runs = {"this": (REPO, None)}
+        if args.baseline:
+            runs["baseline"] = (baseline_tree(workdir, args.baseline), args.baseline)
+        results = {}
+        for name, (cwd, ref) in runs.items():
+            out = workdir / f"shards-{genes}-{args.format}-{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            command = [sys.executable, "-m", "glm_jax.cli", "make-shards", *inputs, "--out", str(out),
+                       "--esm2", str(model), "--no-progress"]
+            run_env = env | ({"PYTHONPATH": str(cwd)} if ref else {})
+            results[name] = measure(command, run_env, cwd, args.timeout)
+            results[name]["out"] = out
+        result = results["this"]
+        shapes = {"genes": genes, "format": args.format, "esm2": f"{args.esm2_layers}x{args.esm2_dim}"}
+        common = dict(case=CASE, config=f"{genes} genes", impl="make-shards", dtype="float16", shapes=shapes)
+        if result["returncode"] != 0:
+            recorder.record(**common, status="failed", reason=result["log"].strip().splitlines()[-1][:300])
+            continue
+        info = json.loads((result["out"] / "dataset_info.json").read_text())
+        windows = sum(split["num_windows"] for split in info["splits"].values())
+        distinct = info["normalization"]["n_samples"]
+        seconds = result["seconds"]
+        extra = {"peak_rss_bytes": result["peak_rss_bytes"], "peak_rss_mb": round(result["peak_rss_bytes"] / 2 ** 20),
+                 "distinct_proteins": distinct, "windows": windows, "contigs": info["summary"]["genomes"]["contigs"],
+                 "proteins_per_s": distinct / seconds, "windows_per_s": windows / seconds}
+        baseline = results.get("baseline")
+        ratio = None
+        if baseline is not None:
+            extra["baseline_returncode"] = baseline["returncode"]
+            if baseline["returncode"] == 0:
+                ratio = baseline["seconds"] / seconds
+                extra |= {"baseline_s": baseline["seconds"], "baseline_peak_rss_mb": round(baseline["peak_rss_bytes"] / 2 ** 20)}
+        recorder.record(**common, median_s=seconds, min_s=seconds, max_s=seconds, repeats=1, items_per_s=genes / seconds,
+                        items_unit="genes/s", baseline=f"make-shards at {args.baseline}" if args.baseline else None,
+                        ratio_vs_baseline=ratio, status="ok", extra=extra)
+        for name, r in results.items():
+            shutil.rmtree(r["out"], ignore_errors=True)
