@@ -109,7 +109,7 @@ def test_format1_store_is_read_in_place_and_converted(tmp_path, capsys):
     (tmp_path / "f1" / "parts" / "format1" / "keys.u64").write_bytes(b"\0" * 40)
     assert cli.main(["convert-store", str(tmp_path / "f1")]) == 0
     assert "converted 5 embeddings to format 2" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "f1").iterdir()) == ["manifest.json", "parts"]
+    assert sorted(p.name for p in (tmp_path / "f1").iterdir()) == [".convert.lock", "manifest.json", "parts"]
     new = st.EmbeddingStore(tmp_path / "f1")
     assert new.format == 2 and new.parts == ["format1"] and len(new) == 5
     np.testing.assert_array_equal(new.get(FORMAT1_PROTEINS), expected)

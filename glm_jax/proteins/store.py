@@ -36,6 +36,7 @@ import os
 import pathlib
 import shutil
 import socket
+import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -421,7 +422,7 @@ class EmbeddingStore:
                 convert_store(self.path)
                 self.format = FORMAT
             for leftover in self.path.glob("chunk-*.npz"):  # a conversion killed after its manifest switch
-                leftover.unlink()
+                leftover.unlink(missing_ok=True)
         self.last_run = None  # an EmbedStats, set by embed_proteins
         self._writer: PartWriter | None = None
         self.refresh()
@@ -535,17 +536,23 @@ class EmbeddingStore:
 
 
 def _create_manifest(path: pathlib.Path, model: dict) -> None:
-    """Writes STORE/manifest.json unless another writer (another host) got there first: the file is
-    linked into place, which fails when it exists, so two creators never overwrite each other."""
+    """Writes STORE/manifest.json unless another writer (another host) got there first: a complete
+    file of this process's own is linked into place, which fails when the manifest exists, so two
+    creators never overwrite each other or leave a partial file."""
     path.mkdir(parents=True, exist_ok=True)
-    with files.atomic_path(path / ".manifest.staged") as staged:
-        staged.write_text(json.dumps({"format": FORMAT, "model": dict(model)}, indent=1))
+    fd, staged = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=path)
     try:
-        os.link(path / ".manifest.staged", path / MANIFEST)
-    except FileExistsError:
-        pass
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps({"format": FORMAT, "model": dict(model)}, indent=1))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(staged, 0o644)
+        try:
+            os.link(staged, path / MANIFEST)
+        except FileExistsError:
+            pass
     finally:
-        (path / ".manifest.staged").unlink(missing_ok=True)
+        os.unlink(staged)
     files.fsync_directory(path)
 
 
@@ -563,6 +570,12 @@ def convert_store(path: str | pathlib.Path) -> int:
     is complete, and the chunks are deleted after that, so a conversion killed at any point is
     simply run again."""
     path = pathlib.Path(path)
+    with open(path / ".convert.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process (host) converting: wait for it, then see format 2
+        return _convert_locked(path)
+
+
+def _convert_locked(path: pathlib.Path) -> int:
     version, model = _read_manifest(path)
     if version == FORMAT:
         return 0
@@ -584,6 +597,6 @@ def convert_store(path: str | pathlib.Path) -> int:
         writer.close()
     files.write_text_atomic(path / MANIFEST, json.dumps({"format": FORMAT, "model": model}, indent=1))
     for chunk in legacy.chunks:
-        chunk.unlink()
+        chunk.unlink(missing_ok=True)
     log.info("converted %s to format 2 (%d rows)", path, writer.rows)
     return writer.rows
