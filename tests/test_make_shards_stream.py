@@ -181,3 +181,101 @@ def test_a_host_lost_while_writing_is_redone_alone(one_process, tmp_path):
     assert " embedded " not in rerun.stdout
     assert {name: (tmp_path / name).stat().st_mtime_ns for name in first_host} == first_host
     assert _shard_contents(tmp_path) == _shard_contents(one_process)
+
+
+# --- bad input: one line, nothing written ------------------------------------------------------
+
+def _cli_make_shards(monkeypatch, *argv) -> int:
+    from glm_jax.cli import main as cli
+    monkeypatch.setattr(pipeline, "esm2_embedder", lambda *a, **k: (HashEmbeddings(), {"esm2": {}}))
+    return cli.main(["make-shards", *map(str, argv), "--no-progress"])
+
+
+def test_a_contig_table_naming_a_protein_the_fasta_lacks(tmp_path, monkeypatch, capsys):
+    (tmp_path / "p.faa").write_text("".join(f">p{i}\nMKV{'L' * i}\n" for i in range(40)))
+    rows = [f"c{c}\t" + ";".join(f"+p{c * 20 + i}" for i in range(20)) for c in range(2)]
+    (tmp_path / "t.tsv").write_text("\n".join(rows).replace("+p33", "-p99") + "\n")
+    out = tmp_path / "out"
+    assert _cli_make_shards(monkeypatch, tmp_path / "p.faa", "--contig-table", tmp_path / "t.tsv", "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"t.tsv: line 2: contig 'c1' lists proteins not in {tmp_path / 'p.faa'}: ['p99']")
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_the_same_contig_id_in_two_files(shared_data, tmp_path, monkeypatch, capsys):
+    genomes = [shared_data / "genomes/pharokka_SAOMS1_MW460250_standard.gbk.gz",
+               shared_data / "genomes/pharokka_meta_5phages.gbk.gz"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("a file of the user's")
+    assert _cli_make_shards(monkeypatch, *genomes, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{genomes[1]}: record 1 'MW460250_1': contig id already seen in {genomes[0]}; "
+                        "contig ids must be unique over all inputs")
+    assert len(err.splitlines()) == 1 and [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+# --- the streaming parts -------------------------------------------------------------------------
+
+def test_protein_partitions_hold_each_sequence_once_whatever_the_split(tmp_path):
+    """Distinct sequences, first-seen order within a partition, partitions in order: the same set
+    and order from one spill as from two spills that each keep half of the partitions; the spill
+    writes its buffer out once it holds `buffer_bytes`."""
+    from glm_jax.data import protein_set
+    rng = np.random.default_rng(0)
+    pool = ["M" + "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 20)) for _ in range(300)]
+    stream = [pool[i] for i in rng.integers(0, 300, 2000)]
+    whole = protein_set.ProteinSpill(tmp_path / "whole", num_partitions=7, buffer_bytes=500)
+    halves = [protein_set.ProteinSpill(tmp_path / f"half{p}", 7, owned=lambda q, p=p: q % 2 == p, buffer_bytes=500)
+              for p in range(2)]
+    for i, sequence in enumerate(stream):
+        for spill in [whole, *halves]:
+            spill.add(sequence)
+        if i == 100:
+            assert list((tmp_path / "whole").glob("spill-*.txt"))  # flushed, not held
+    one = whole.close()
+    for half in halves:
+        half.close()
+    two = protein_set.ProteinSet([tmp_path / "half0", tmp_path / "half1"])
+    assert list(one) == list(two) and sorted(one) == sorted(set(stream)) and len(one) == len(set(stream))
+    for partition in one.partitions():  # first-seen order inside a partition
+        assert partition == sorted(partition, key=stream.index)
+
+
+def test_protein_fasta_in_table_order_is_read_without_holding_it(tmp_path):
+    """The proteins of a FASTA in table order are read one contig ahead at most; out of order they
+    are still found (held until their contig comes), and a protein on two contigs by a rescan."""
+    from glm_jax.data import genomes
+    (tmp_path / "p.faa").write_text("".join(f">p{i}\nMK{'V' * (i + 1)}\n" for i in range(30)))
+    (tmp_path / "in_order.tsv").write_text("".join(f"c{c}\t" + ";".join(f"+p{c * 10 + i}" for i in range(10)) + "\n"
+                                                   for c in range(3)))
+    lookups = []
+    original = genomes._ProteinLookup.get
+
+    def spy(self, protein_id):
+        lookups.append(len(self.pending))
+        return original(self, protein_id)
+    genomes._ProteinLookup.get = spy
+    try:
+        contigs = list(genomes.iter_contigs([tmp_path / "p.faa"], tmp_path / "in_order.tsv"))
+    finally:
+        genomes._ProteinLookup.get = original
+    assert [len(c.genes) for c in contigs] == [10, 10, 10] and max(lookups) == 0
+    (tmp_path / "shuffled.tsv").write_text("c0\t-p29;+p3\nc1\t+p3;+p0\n")
+    contigs = list(genomes.iter_contigs([tmp_path / "p.faa"], tmp_path / "shuffled.tsv"))
+    assert [[g.protein for g in c.genes] for c in contigs] == [["MK" + "V" * 30, "MKVVVV"], ["MKVVVV", "MKV"]]
+
+
+def test_shard_writer_mixes_within_its_buffer(tmp_path):
+    """Records routed to one shard come out as a fixed permutation of what went in (buffer 4),
+    every record once; buffer 0 keeps the order."""
+    from helpers import random_shard_records
+    arrays = random_shard_records(40)
+    orders = {}
+    for name, buffer in [("mixed", 4), ("again", 4), ("plain", 0)]:
+        with shards.ShardWriter(tmp_path / name, "train", 2, shards=[1], shuffle_buffer=buffer, seed=3) as writer:
+            writer.write(arrays, [1] * 40)
+        orders[name] = [r["window_index"][0] for r in shard_records(tmp_path / name / "train-00001-of-00002.tfrecord")]
+    assert orders["plain"] == list(range(40)) and orders["mixed"] == orders["again"] != orders["plain"]
+    assert sorted(orders["mixed"]) == list(range(40))
+    with pytest.raises(ValueError, match="routed to shard 0"):
+        shards.ShardWriter(tmp_path / "x", "train", 2, shards=[1]).write(arrays, [0] * 40)
