@@ -97,8 +97,18 @@ start() {
 }
 
 stop() {
+  local name pidfile pid jobs
+  # Jobs still on this cluster first, so that no task outlives its slurmd: scancel (SIGTERM, then
+  # SIGKILL after KillWait), then wait for them to end.
+  if pid_alive "$DIR/slurmctld.pid"; then
+    export SLURM_CONF="$CONF"
+    jobs="$(squeue -h -o %A 2>/dev/null || true)"
+    if [ -n "$jobs" ]; then
+      scancel --quiet $jobs || true
+      for _ in $(seq 60); do [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break; sleep 0.5; done
+    fi
+  fi
   # slurmd before slurmctld (it reports to it), munged last (both authenticate through it).
-  local name pidfile pid
   for name in slurmd slurmctld munged; do
     pidfile="$DIR/$name.pid"
     [ -f "$pidfile" ] || continue
