@@ -35,8 +35,9 @@ def test_parts_index_and_tail_find_every_row(tmp_path, monkeypatch):
     """Rows are found while being written (unindexed tail), after periodic folds into the sorted
     index and after close, across parts; keys sharing the high word are told apart by the low."""
     monkeypatch.setattr(st, "TAIL_ROWS", 800)  # folds at 900 and 1800 rows: index + tail both in play
+    monkeypatch.setattr(st, "FENCE", 8)  # many fence blocks, some equal high words across their edges
     hashes, embeddings = random_rows(3000)
-    hashes[1::97, 0] = hashes[0:-1:97, 0]  # pairs with equal high words
+    hashes[1::37, 0] = hashes[0:-1:37, 0]  # pairs with equal high words
     store = st.EmbeddingStore(tmp_path / "s", model=MODEL)
     with store.writing("a") as part:
         for start in range(0, 2500, 300):
