@@ -35,6 +35,7 @@ _EXPORTS = {
     "load_config": "glm_jax.config",
     # data
     "read_genomes": "glm_jax.data.genomes",
+    "iter_contigs": "glm_jax.data.genomes",
     "read_fasta": "glm_jax.data.fasta",
     "contig_windows": "glm_jax.data.windows",
     "ShardReader": "glm_jax.data.shards",
