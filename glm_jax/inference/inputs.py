@@ -52,11 +52,6 @@ def protein_spill(out_dir: pathlib.Path, process: int, processes: int) -> Iterat
         raise
 
 
-# Proteins looked up in the store at a time while embedding: bounds the lookup's scratch arrays
-# (the store's fence search holds ~12 kB per query) while still filling many ESM2 batches.
-EMBED_CHUNK = 20_000
-
-
 def embed_distinct(proteins: protein_set.ProteinSet, esm2_dir, store_dir, info: dict, process: int,
                    processes: int, progress: bool, log):
     """This process's share of the distinct proteins in its own part of the ESM2 store
@@ -64,7 +59,7 @@ def embed_distinct(proteins: protein_set.ProteinSet, esm2_dir, store_dir, info: 
     from glm_jax.proteins import embed as protein_embed
     layer = info.get("esm2", {}).get("layer")
     store = protein_embed.embed_proteins(proteins, store_dir, esm2_dir, layer=layer, progress=progress,
-                                         writer=f"p{process:05d}", chunk_size=EMBED_CHUNK)
+                                         writer=f"p{process:05d}")
     run = store.last_run
     share = f" (process {process}'s share of {processes})" if processes > 1 else ""
     log(f"ESM2: {run.unique} distinct proteins{share}, {run.already_stored} already in {store_dir}, "
