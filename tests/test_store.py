@@ -35,7 +35,7 @@ def test_parts_index_and_tail_find_every_row(tmp_path, monkeypatch):
     """Rows are found while being written (unindexed tail), after periodic folds into the sorted
     index and after close, across parts; keys sharing the high word are told apart by the low."""
     monkeypatch.setattr(st, "TAIL_ROWS", 800)  # folds at 900 and 1800 rows: index + tail both in play
-    monkeypatch.setattr(st, "FENCE", 8)  # many fence blocks, some equal high words across their edges
+    monkeypatch.setattr(st, "BLOCK_WORDS", 32)  # blocks of 10 entries: many, some equal high words across edges
     hashes, embeddings = random_rows(3000)
     hashes[1::37, 0] = hashes[0:-1:37, 0]  # pairs with equal high words
     store = st.EmbeddingStore(tmp_path / "s", model=MODEL)
@@ -223,3 +223,29 @@ def test_two_processes_equal_one_and_a_killed_host_reruns_only_its_missing_prote
         part = two._parts[index]
         assert sorted(map(tuple, part.hashes())) == sorted(map(tuple, st.sequence_hashes(
             [p for p, s in zip(proteins, shares) if s == index])))
+
+
+def test_embed_proteins_reads_its_input_in_chunks(tiny_esm2_dir, tmp_path, monkeypatch):
+    """A generator input is drawn one chunk at a time (the first batch runs before the second
+    chunk is read); sequences stored earlier, or earlier in the run, are not embedded again."""
+    from helpers import decode_token_rows
+
+    rng = np.random.default_rng(3)
+    proteins = ["M" + "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), rng.integers(10, 40))) for _ in range(12)]
+    pe.embed_proteins(proteins[:3], tmp_path / "s", tiny_esm2_dir, max_tokens=128, progress=False)
+    drawn, launched = [], []
+
+    def stream():
+        for sequence in proteins + proteins[3:5]:  # the last chunk repeats two embedded in chunk 1
+            drawn.append(sequence)
+            yield sequence
+
+    launch = pe.Esm2Embedder.launch
+    monkeypatch.setattr(pe.Esm2Embedder, "launch",
+                        lambda self, tokens: launched.append((len(drawn), decode_token_rows(tokens))) or launch(self, tokens))
+    store = pe.embed_proteins(stream(), tmp_path / "s", tiny_esm2_dir, max_tokens=128, progress=False, chunk_size=5)
+    assert launched[0][0] == 5  # only the first chunk had been read
+    assert sorted(s for _, rows in launched for s in rows) == sorted(proteins[3:])
+    assert (store.last_run.proteins, store.last_run.embedded, store.last_run.already_stored) == (14, 9, 3)
+    whole = pe.embed_proteins(proteins, tmp_path / "whole", tiny_esm2_dir, max_tokens=128, progress=False)
+    np.testing.assert_allclose(store.get(proteins), whole.get(proteins), rtol=0, atol=2e-3)

@@ -362,8 +362,7 @@ class _Run:
         if self.bar is None:
             from glm_jax.progress import Progress
             self.bar = Progress(unit="protein", enabled=self.progress, desc="ESM2 embeddings")
-        _embed_missing(self.store, self.embedder, todo, [esm2.tokenize(s[:self.max_residues]) for s in todo],
-                       self.max_tokens, self.max_residues + 2, self.bar)
+        _embed_missing(self.store, self.embedder, todo, self.max_residues, self.max_tokens, self.bar)
         self.embedded += len(todo)
 
     def close(self) -> None:
@@ -372,13 +371,15 @@ class _Run:
             self.bar.close()
 
 
-def _embed_missing(store: EmbeddingStore, embedder: Esm2Embedder, todo: list[str], tokens: list[np.ndarray],
-                   max_tokens: int, cap: int, bar) -> None:
-    """Run the model over planned batches of `todo` (token rows `tokens`), appending each batch to
-    the store as it comes; returns once every batch is stored."""
-    plan = plan_batches([len(t) for t in tokens], max_tokens, cap)
+def _embed_missing(store: EmbeddingStore, embedder: Esm2Embedder, todo: list[str], max_residues: int,
+                   max_tokens: int, bar) -> None:
+    """Run the model over planned batches of `todo` (each truncated to `max_residues`), appending
+    each batch to the store as it comes; returns once every batch is stored. Tokens are made batch
+    by batch (a chunk's token arrays would double its memory)."""
+    plan = plan_batches([min(len(s), max_residues) + 2 for s in todo], max_tokens, max_residues + 2)
     embedder.precompile(dict.fromkeys((rows, length) for _, rows, length in plan))
-    launched = ((indices, embedder.launch(esm2.pad_batch([tokens[i] for i in indices], length, rows)))
+    launched = ((indices, embedder.launch(esm2.pad_batch([esm2.tokenize(todo[i][:max_residues]) for i in indices],
+                                                         length, rows)))
                 for indices, rows, length in plan)
     for indices, pending in _one_ahead(launched):
         store.add([todo[i] for i in indices], pending.result()[:len(indices)])

@@ -6,8 +6,9 @@ Layout (docs/embedding-store.md explains the choices and the measurement behind 
     STORE/parts/NAME/part.json          committed rows, indexed rows, index file, model identity
     STORE/parts/NAME/embeddings.f16     float16 [rows, dim], appended, memory-mapped by readers
     STORE/parts/NAME/keys.u64           uint64 [rows, 2]: each row's 128-bit key hash, appended
-    STORE/parts/NAME/index-N.u64        uint64 [3, N]: (hash high, hash low, row) sorted by high word
-    STORE/parts/NAME/fences-N.u64       uint64 [ceil(N / 512)]: every 512th high word (kept in memory)
+    STORE/parts/NAME/index-N.u64        uint64 [ceil(N / 170), 512]: the N indexed rows' (hash high, hash low,
+                                        row) sorted by high word, 170 to a 4 KiB block
+    STORE/parts/NAME/fences-N.u64       uint64 [ceil(N / 170)]: each block's first high word (kept in memory)
     STORE/parts/NAME/writer.lock        flock'ed by the one live writer of the part
 
 Each writer (one per host or process) appends to its own part, so hosts write at once without
@@ -16,10 +17,12 @@ counted in part.json (replaced atomically): a killed writer leaves at most an un
 the next writer of the part truncates. Rows not yet in the sorted index (the tail) are searched in
 memory; a writer folds them into a new index file every `TAIL_ROWS` rows and when it closes.
 
-A lookup reads the high word's fence block (one 4 KiB page), the index entry and the embedding row:
-`get` of k keys touches about 3k pages, whatever the store's size. Keys are the first 128 bits of
-the sha256 of the normalised sequence: among 10^8 proteins the odds of any collision are ~1.5e-23
-(64 bits would be 2.7e-4, and a collision silently returns another protein's embedding).
+A lookup reads one index block (the in-memory fences say which), then the embedding row; each of
+the two rounds queues all its pages for reading at once. `get` of k keys reads about 2.6k pages
+(one index page, one or two pages of a 2,560-byte row), whatever the store's size. Keys are the
+first 128 bits of the sha256 of the normalised sequence: among 10^8 proteins the odds of any
+collision are ~1.5e-23 (64 bits: 2.7e-4, and a collision silently returns another protein's
+embedding).
 
 Format 1 (manifest + chunk-*.npz) is read in place; a writer converts it to format 2 first
 (`convert_store`, `glm-jax convert-store`).
@@ -53,7 +56,7 @@ PART_INFO = "part.json"
 KEYS_FILE = "keys.u64"
 EMBEDDINGS_FILE = "embeddings.f16"
 LOCK_FILE = "writer.lock"
-FENCE = 512  # index entries per in-memory fence: 512 high words = one 4 KiB page
+BLOCK_WORDS = 512  # uint64 words per index block: one 4 KiB page, holding 170 (high, low, row) entries
 TAIL_ROWS = 1 << 20  # unindexed rows a writer keeps (16 MiB of hashes) before folding them into the index
 IDENTITY_FIELDS = ("fingerprint", "config", "layer", "dim", "compute_dtype", "max_residues")
 DEFAULT_WRITER = "p00000"
@@ -119,38 +122,48 @@ def _map(path: pathlib.Path, dtype, count: int) -> np.ndarray:
 def _willneed(array: np.ndarray, offsets: np.ndarray, length: int) -> None:
     """Starts reading the byte ranges [offset, offset + length) of a mapped array, all at once
     (MADV_WILLNEED queues the reads and returns), so the accesses that follow wait for one round
-    of parallel reads instead of one page fault after another: a cold `get` of 1,000 keys from a
-    10^7-row store goes from ~5,000 sequential faults to three rounds of parallel reads."""
+    of parallel reads instead of one page fault after another."""
     base = array
     while base is not None and not isinstance(base, mmap.mmap):  # array -> ... -> memoryview -> mmap
         base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
     if base is None or not hasattr(base, "madvise") or not len(offsets):
         return
-    size = len(base)
-    for start in np.unique(np.asarray(offsets, np.int64) // mmap.PAGESIZE * mmap.PAGESIZE):
-        start = int(start)
-        base.madvise(mmap.MADV_WILLNEED, start, min(start + length + mmap.PAGESIZE, size) - start)
+    offsets = np.asarray(offsets, np.int64)
+    starts = offsets // mmap.PAGESIZE * mmap.PAGESIZE
+    for start, end in np.unique(np.stack([starts, np.minimum(offsets + length, len(base))], 1), axis=0):
+        base.madvise(mmap.MADV_WILLNEED, int(start), int(end - start))
 
 
-def _find(hi: np.ndarray, lo: np.ndarray, rows: np.ndarray, start: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Rows of `query` hashes [n, 2] in a table sorted by `hi`, where `start[i]` is the first
-    position with hi >= query high word -> int64 [n], -1 where absent. Equal high words with other
-    low words (odds ~ n^2 / 2^65) are stepped over one by one."""
+def _find(entry, size: int, start: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Rows of `query` hashes [n, 2] in a table of `size` entries sorted by high word, read through
+    `entry(positions, field)` (field 0 high word, 1 low word, 2 row), where `start[i]` is the first
+    position with high word >= the query's -> int64 [n], -1 where absent. Equal high words with
+    other low words (odds ~ n^2 / 2^65) are stepped over one by one."""
     out = np.full(len(query), -1, np.int64)
-    if not len(hi) or not len(query):
+    if not size or not len(query):
         return out
-    at = np.minimum(start, len(hi) - 1)
-    same_high = (start < len(hi)) & (hi[at] == query[:, 0])
-    hit = same_high & (lo[at] == query[:, 1])
-    out[hit] = rows[at[hit]]
+    at = np.minimum(start, size - 1)
+    same_high = (start < size) & (entry(at, 0) == query[:, 0])
+    hit = same_high & (entry(at, 1) == query[:, 1])
+    out[hit] = entry(at[hit], 2)
     for i in np.flatnonzero(same_high & ~hit):
         p = int(start[i]) + 1
-        while p < len(hi) and hi[p] == query[i, 0]:
-            if lo[p] == query[i, 1]:
-                out[i] = rows[p]
+        while p < size and entry(p, 0) == query[i, 0]:
+            if entry(p, 1) == query[i, 1]:
+                out[i] = entry(p, 2)
                 break
             p += 1
     return out
+
+
+def _sorted_table(hashes: np.ndarray, first_row: int) -> np.ndarray:
+    """uint64 [n, 2] hashes of rows first_row.. -> uint64 [n, 3] (high, low, row) sorted by high word."""
+    order = np.argsort(hashes[:, 0], kind="stable")
+    return np.column_stack([hashes[order], first_row + order.astype(np.uint64)]).astype(np.uint64)
+
+
+def _table_entry(table: np.ndarray):
+    return lambda positions, field: table[positions, field]
 
 
 class Part:
@@ -169,48 +182,55 @@ class Part:
     def _load(self) -> None:
         info = json.loads((self.path / PART_INFO).read_text())
         self.model, self.rows, self.indexed = info["model"], int(info["rows"]), int(info["indexed"])
-        self.index_name, self.fence = info.get("index"), int(info.get("fence", FENCE))
+        self.index_name, self.block_words = info.get("index"), int(info.get("block_words", BLOCK_WORDS))
+        self.per_block = self.block_words // 3
         if self.indexed:
-            self._index = _map(self.path / self.index_name, np.uint64, 3 * self.indexed).reshape(3, self.indexed)
+            blocks = -(-self.indexed // self.per_block)
+            self._index = _map(self.path / self.index_name, np.uint64, blocks * self.block_words)
             self._fences = np.fromfile(self.path / f"fences-{self.indexed:012d}.u64", np.uint64)
         else:
-            self._index, self._fences = np.empty((3, 0), np.uint64), np.empty(0, np.uint64)
+            self._index, self._fences = np.empty(0, np.uint64), np.empty(0, np.uint64)
         tail = np.fromfile(self.path / KEYS_FILE, np.uint64, 2 * (self.rows - self.indexed),
                            offset=16 * self.indexed).reshape(-1, 2) if self.rows > self.indexed else None
         self._set_tail(tail)
         self._embeddings = _map(self.path / EMBEDDINGS_FILE, np.float16, self.rows * self.dim).reshape(self.rows, self.dim)
 
     def _set_tail(self, hashes: np.ndarray | None) -> None:
-        """The unindexed rows [indexed, rows), sorted by high word in memory."""
-        if hashes is None or not len(hashes):
-            self._tail, self._tail_rows = np.empty((0, 2), np.uint64), np.empty(0, np.int64)
-            return
-        order = np.argsort(hashes[:, 0], kind="stable")
-        self._tail, self._tail_rows = hashes[order], self.indexed + order.astype(np.int64)
+        """The unindexed rows [indexed, rows): uint64 [m, 3] (high, low, row), sorted in memory."""
+        self._tail = _sorted_table(hashes if hashes is not None else np.empty((0, 2), np.uint64), self.indexed)
+
+    def _words(self, positions, field: int):
+        """Where index entry `positions` keeps `field`: entry p is word 3 (p mod R) + field of block p // R."""
+        return positions // self.per_block * self.block_words + 3 * (positions % self.per_block) + field
+
+    def _entry(self, positions, field: int):
+        return self._index[self._words(positions, field)]
+
+    def _lower_bound(self, high: np.ndarray, prefetch: bool = True) -> np.ndarray:
+        """First index position whose high word is >= each of `high` -> int64 [n]. The in-memory
+        fences (each block's first high word) pick the one block where it can lie, a binary search
+        of all queries at once finds it there (8 steps, O(n) scratch memory); with `prefetch`, the
+        blocks are first queued for reading together."""
+        b = np.searchsorted(self._fences, high, side="left")  # blocks starting below the key
+        block = np.maximum(b - 1, 0)
+        left, right = block * self.per_block, np.minimum(b * self.per_block, self.indexed)
+        if prefetch:
+            _willneed(self._index, 8 * self.block_words * block, 8 * 3 * self.per_block)
+        while (active := left < right).any():
+            middle = (left + right) // 2
+            below = self._entry(np.minimum(middle, self.indexed - 1), 0) < high
+            left = np.where(active & below, middle + 1, left)
+            right = np.where(active & ~below, middle, right)
+        return left
 
     def lookup(self, query: np.ndarray) -> np.ndarray:
         """uint64 [n, 2] hashes -> int64 [n] rows of this part, -1 where absent."""
         found = np.full(len(query), -1, np.int64)
         if self.indexed:
-            hi = self._index[0]
-            # The fences narrow each search to one block of FENCE entries: the first position with
-            # hi >= q lies in [F * (b - 1), F * b] for b = the number of fences below q; a binary
-            # search of all queries at once finds it there (10 steps, O(n) scratch memory).
-            block = np.searchsorted(self._fences, query[:, 0], side="left")
-            left = np.maximum(block - 1, 0) * self.fence
-            right = np.minimum(block * self.fence + 1, self.indexed)
-            _willneed(self._index, 8 * left, 8 * (self.fence + 1))
-            while (active := left < right).any():
-                middle = (left + right) // 2
-                below = hi[np.minimum(middle, self.indexed - 1)] < query[:, 0]
-                left = np.where(active & below, middle + 1, left)
-                right = np.where(active & ~below, middle, right)
-            start = left
-            _willneed(self._index, 8 * np.concatenate([self.indexed + start, 2 * self.indexed + start]), 16)
-            found = _find(hi, self._index[1], self._index[2], start, query)
+            found = _find(self._entry, self.indexed, self._lower_bound(query[:, 0]), query)
         if len(self._tail):
-            tail = _find(self._tail[:, 0], self._tail[:, 1], self._tail_rows,
-                         np.searchsorted(self._tail[:, 0], query[:, 0]), query)
+            tail = _find(_table_entry(self._tail), len(self._tail), np.searchsorted(self._tail[:, 0], query[:, 0]),
+                         query)
             found = np.where(found >= 0, found, tail)
         return found
 
@@ -238,9 +258,7 @@ class Format1Part:
         self._offsets = np.cumsum([0] + [len(k) for k in keys])
         self.rows = int(self._offsets[-1])
         hashes = key_hashes(np.concatenate(keys)) if self.rows else np.empty((0, 2), np.uint64)
-        self._hashes = hashes
-        order = np.argsort(hashes[:, 0], kind="stable")
-        self._sorted, self._rows = hashes[order], order.astype(np.int64)
+        self._hashes, self._table = hashes, _sorted_table(hashes, 0)
 
     @staticmethod
     def _array(chunk: pathlib.Path, name: str) -> np.ndarray:
@@ -248,8 +266,8 @@ class Format1Part:
             return data[name]
 
     def lookup(self, query: np.ndarray) -> np.ndarray:
-        return _find(self._sorted[:, 0], self._sorted[:, 1], self._rows,
-                     np.searchsorted(self._sorted[:, 0], query[:, 0]), query)
+        return _find(_table_entry(self._table), len(self._table), np.searchsorted(self._table[:, 0], query[:, 0]),
+                     query)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), self.dim), np.float16)
@@ -297,8 +315,8 @@ class PartWriter(Part):
                 for name_ in (KEYS_FILE, EMBEDDINGS_FILE):
                     (path / name_).touch()
                 files.write_text_atomic(path / PART_INFO, json.dumps(
-                    {"format": FORMAT, "rows": 0, "indexed": 0, "index": None, "fence": FENCE, "dim": model["dim"],
-                     "model": model}))
+                    {"format": FORMAT, "rows": 0, "indexed": 0, "index": None, "block_words": BLOCK_WORDS,
+                     "dim": model["dim"], "model": model}))
             super().__init__(path, int(model["dim"]))
             check_same_model(self.model, model, f"{path}")
         except BaseException:
@@ -313,9 +331,10 @@ class PartWriter(Part):
         self._tail_keys, self._sorted_tail = [self._tail_hashes()], True
 
     def _tail_hashes(self) -> np.ndarray:
-        sorted_back = np.empty_like(self._tail)
-        sorted_back[self._tail_rows - self.indexed] = self._tail
-        return sorted_back
+        """The tail's hashes in row order -> uint64 [m, 2]."""
+        in_row_order = np.empty((len(self._tail), 2), np.uint64)
+        in_row_order[self._tail[:, 2].astype(np.int64) - self.indexed] = self._tail[:, :2]
+        return in_row_order
 
     def append(self, hashes: np.ndarray, embeddings: np.ndarray) -> None:
         """Appends rows: uint64 [n, 2] hashes and float16 [n, dim] embeddings, durable on return."""
@@ -344,29 +363,32 @@ class PartWriter(Part):
 
     def _write_info(self) -> None:
         files.write_text_atomic(self.path / PART_INFO, json.dumps(
-            {"format": FORMAT, "rows": self.rows, "indexed": self.indexed, "index": self.index_name, "fence": self.fence,
-             "dim": self.dim, "model": self.model}))
+            {"format": FORMAT, "rows": self.rows, "indexed": self.indexed, "index": self.index_name,
+             "block_words": self.block_words, "dim": self.dim, "model": self.model}))
 
     def fold(self) -> None:
         """Merges the unindexed rows into a new sorted index file (memory: the tail plus blocks of
         the old index), then points part.json at it and deletes the old one."""
         if self.rows == self.indexed:
             return
-        tail = np.concatenate(self._tail_keys)
-        order = np.argsort(tail[:, 0], kind="stable")
-        tail_entries = np.stack([tail[order, 0], tail[order, 1], self.indexed + order.astype(np.uint64)])
-        old, total = self._index, self.rows
-        # Entry j of the tail goes before old entry at[j]; old entry i moves up by the tail entries before it.
-        at = np.searchsorted(old[0], tail_entries[0], side="left")
+        tail = _sorted_table(np.concatenate(self._tail_keys), self.indexed)
+        total = self.rows
+        # Tail entry j goes before old entry at[j]; old entry i moves up by the tail entries before it.
+        at = self._lower_bound(tail[:, 0], prefetch=False) if self.indexed else np.zeros(len(tail), np.int64)
         name = f"index-{total:012d}.u64"
+        blocks = -(-total // self.per_block)
         with files.atomic_path(self.path / name) as tmp:
-            merged = np.memmap(tmp, np.uint64, "w+", shape=(3, total))
-            for a in range(0, self.indexed, TAIL_ROWS):
+            merged = np.memmap(tmp, np.uint64, "w+", shape=(blocks * self.block_words,))
+            for a in range(0, self.indexed, TAIL_ROWS):  # the old index, a block of entries at a time
                 i = np.arange(a, min(a + TAIL_ROWS, self.indexed))
-                merged[:, i + np.searchsorted(at, i, side="right")] = old[:, i]
-            merged[:, at + np.arange(len(at))] = tail_entries
+                words = self._words(i + np.searchsorted(at, i, side="right"), 0)
+                for field in range(3):
+                    merged[words + field] = self._entry(i, field)
+            words = self._words(at + np.arange(len(at)), 0)
+            for field in range(3):
+                merged[words + field] = tail[:, field]
             merged.flush()
-            fences = np.array(merged[0, ::self.fence])
+            fences = np.array(merged[::self.block_words])
             del merged
         files.write_bytes_atomic(self.path / f"fences-{total:012d}.u64", fences.tobytes())
         previous = (self.index_name, self.indexed)
