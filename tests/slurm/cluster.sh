@@ -34,7 +34,9 @@ SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire (default 120 s) is also how long a requeued job waits before it may start again
-# (slurm.conf(5)): with the default, a job that requeues itself sat ~150 s in PENDING.
+# (slurm.conf(5)), and then it waits for a scheduler pass (backfill every 30 s by default): a job
+# that requeued itself sat ~150 s in PENDING with the defaults, 30 s with cred_expire=5 alone,
+# 6 s with the scheduler intervals below too.
 AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=5
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
@@ -58,8 +60,7 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 JobRequeue=1
 # Short timers for tests: KillWait is the grace between SIGTERM and SIGKILL (a tiny model saves in
-# a second or two); the schedulers look for startable jobs every 2 s instead of every 30-60 s, so
-# a requeued job starts as soon as its begin time passes.
+# a second or two); the schedulers look for startable jobs every 2 s instead of every 30-60 s.
 KillWait=20
 InactiveLimit=0
 MinJobAge=600
