@@ -101,3 +101,29 @@ def test_a_killed_process_is_rerun_for_its_missing_chunks_only(setup, one_proces
     computed = sorted(n for r in runs for n in r["computed_chunks"])
     assert computed == sorted(set(range(chunks)) - written) and 3 in computed
     assert_same_tables(out, one_process)
+
+
+def test_bad_metagenome_inputs_are_one_line_errors_and_leave_nothing(setup, tmp_path, capsys):
+    """A contig table naming a protein the FASTA lacks; the same contig id in two files; a store of
+    another ESM2 model: one line naming the file and record, exit 2, no output directory."""
+    from glm_jax.cli import main as cli
+    proteins = [p for genes in setup["records"].values() for _, p, _ in genes][:6]
+    (tmp_path / "a.faa").write_text("".join(f">p{i}\n{p}\n" for i, p in enumerate(proteins)))
+    (tmp_path / "b.faa").write_text("".join(f">p{i}\n{p}\n" for i, p in enumerate(proteins)))
+    (tmp_path / "ok.tsv").write_text("c1\t+p0;-p1;+p2\nc2\t+p3;+p4;-p5\n")
+    (tmp_path / "missing.tsv").write_text("c1\t+p0;-p1\nc2\t+p3;+p9\n")
+    other = tmp_path / "other_store"
+    from glm_jax.proteins import embed as protein_embed
+    protein_embed.EmbeddingStore(other, model={"fingerprint": "another", "config": {}, "layer": 1, "dim": 32,
+                                               "compute_dtype": "float32", "max_residues": 12_288, "source": "x"})
+    cases = ((["a.faa", "--contig-table", "missing.tsv"], "missing.tsv: line 2: contig 'c2'"),
+             (["a.faa", "b.faa", "--contig-table", "ok.tsv"], "b.faa: record 1 'c1': contig id already seen"),
+             (["a.faa", "--contig-table", "ok.tsv", "--store", str(other)], "other_store holds embeddings of another"))
+    for args, message in cases:
+        args = [str(tmp_path / a) if a.endswith((".faa", ".tsv")) else a for a in args]
+        store = [] if "--store" in args else ["--store", str(setup["common"]["store_dir"])]
+        code = cli.main(["infer", *args, "--checkpoint", str(setup["root"] / "model"), "--output",
+                         str(tmp_path / "out"), *store, "--esm2-model", str(setup["esm2"]), "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "out").exists()
