@@ -33,10 +33,10 @@ PAGES = (README, REPO / "docs" / "performance.md")  # the pages whose blocks `re
 # cases with a generated table: adding a case here (and, if wanted, its SHOWN_SHAPES / EXTRA_COLUMNS)
 # is all it takes, given its `<!-- perf:CASE:begin/end -->` markers in a page (docs/performance.md
 # already holds data_pipeline's)
-RESULT_TABLES = ("train_step", "forward", "esm2", "input_pipeline", "attention")
+RESULT_TABLES = ("train_step", "forward", "esm2", "input_pipeline", "attention", "data_pipeline")
 # shapes entries shown in a table's "sizes" column (None: all of them)
 SHOWN_SHAPES = {"train_step": (), "forward": (), "esm2": ("length", "proteins"), "input_pipeline": ("windows",),
-                "attention": ("genes", "heads", "head_dim", "pass")}
+                "attention": ("genes", "heads", "head_dim", "pass"), "data_pipeline": ("format", "esm2")}
 # extra columns: (header, extra key, formatter)
 EXTRA_COLUMNS = {
     "train_step": (("genes/s", "genes_per_s", "number"),),
@@ -45,6 +45,8 @@ EXTRA_COLUMNS = {
     "forward": (("max abs diff", "max_abs_diff_vs_torch", "float"),),
     "input_pipeline": (("genes/s", "genes_per_s", "number"), ("MB/s", "MB_per_s", "number")),
     "attention": (("peak memory", "memory", "bytes"),),
+    "data_pipeline": (("peak RSS", "peak_rss_bytes", "bytes"), ("distinct proteins/s", "proteins_per_s", "number"),
+                      ("windows/s", "windows_per_s", "number")),
 }
 LENGTH_KEYS = ("genes", "seq_len", "length", "S", "contig_genes")  # contig length in attention records
 MEMORY_KEYS = ("peak_memory_bytes", "memory_bytes", "compiled_bytes")  # the attention case's extra
@@ -431,6 +433,10 @@ def plot_series(case: str, records: list[dict]) -> dict[str, list[tuple]]:
                 label = " ".join(str(v) for v in (r.get("impl"), r.get("dtype"), (r.get("shapes") or {}).get("pass"))
                                  if v)
                 series[label].append((length, r["median_s"], memory_bytes(r)))
+        elif case == "data_pipeline":
+            genes, rss = (r.get("shapes") or {}).get("genes"), (r.get("extra") or {}).get("peak_rss_bytes")
+            if isinstance(genes, int) and rss:
+                series[f"{r['impl']} {(r.get('shapes') or {}).get('format')}"].append((genes, rss / 2 ** 20))
         elif case == "esm2":
             length = (r.get("shapes") or {}).get("length")
             if isinstance(length, int) and r.get("items_per_s"):
@@ -440,7 +446,8 @@ def plot_series(case: str, records: list[dict]) -> dict[str, list[tuple]]:
 
 def plot_files(case: str, device: str, records: list[dict], plots: pathlib.Path = PLOTS) -> list[pathlib.Path]:
     """The figure(s) `write_plots` draws for these records (none when there is nothing to plot)."""
-    names = {"train_step": "mfu_vs_batch", "attention": "time_memory_vs_length", "esm2": "proteins_per_s_vs_length"}
+    names = {"train_step": "mfu_vs_batch", "attention": "time_memory_vs_length", "esm2": "proteins_per_s_vs_length",
+             "data_pipeline": "peak_rss_vs_genes"}
     if case not in names or not plot_series(case, records):
         return []
     return [plots / f"{case}_{names[case]}_{slug(device)}.png"]
@@ -454,7 +461,7 @@ def write_plots(records: list[dict], out_dir: pathlib.Path = PLOTS) -> list[path
 
     written = []
     current = latest(records)
-    for case in ("train_step", "attention", "esm2"):
+    for case in ("train_step", "attention", "esm2", "data_pipeline"):
         for device, group in by_device([r for r in current if r.get("case") == case]).items():
             files = plot_files(case, device, group, out_dir)
             if not files:
@@ -479,6 +486,8 @@ def write_plots(records: list[dict], out_dir: pathlib.Path = PLOTS) -> list[path
                 mfu_kind = "bf16 data sheet" if any(r.get("mfu_datasheet") for r in group) else "measured matmul peak"
                 axes[0].set(xlabel="batch (contigs)", ylabel=f"MFU (vs {mfu_kind})", xscale="log")
                 axes[0].yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+            elif case == "data_pipeline":
+                axes[0].set(xlabel="corpus (genes)", ylabel="peak RSS (MiB)", xscale="log", ylim=(0, None))
             elif case == "attention":
                 axes[0].set(xlabel="contig length (genes)", ylabel="seconds (median)", xscale="log", yscale="log")
                 axes[1].set(xlabel="contig length (genes)", ylabel="peak memory (bytes)", xscale="log", yscale="log")
