@@ -225,7 +225,7 @@ def open_reader(pattern: str, split: str, batch_size_per_host: int, seed: int, s
         # different lengths, and a data position that means something else on each of them.
         raise DistributedError(f"config.data.{split}_pattern {pattern}: its {num_shards} shards do not split evenly "
                                f"over {hosts} processes; use a process count that divides {num_shards}, or write "
-                               f"a multiple of {hosts} shards (make-shards --num-shards)")
+                               f"a multiple of {hosts} shards (make-shards --shard-multiple {hosts})")
     return shards.ShardReader(pattern, batch_size_per_host, split=split, shuffle_buffer=shuffle_buffer, **common)
 
 

@@ -4,7 +4,7 @@ single-process reference.
     python tests/scripts/mp_train.py NPZ WORKDIR[,WORKDIR2...] [--steps N] [--reduction R[,R2...]]
         [--accumulation K] [--delay S] [--checkpoint-every C]
 
-Trains configs/tiny.py on mesh (4, 2, 1) (data x fsdp: parameters sharded across processes) with
+Trains configs/tiny.py (dropout off) on mesh (4, 2, 1) (data x fsdp: parameters sharded across processes) with
 global batch 16 read from NPZ by `trainer.open_reader`, one run per WORKDIR (with the matching
 reduction), in the same processes. Each process writes WORKDIR/windows-p{I}.json (the window
 indices of every batch it read); process 0 writes WORKDIR/params.npz (final parameters, names
@@ -69,6 +69,9 @@ def config_for(npz: str, steps: int, reduction: str = "all_positions", accumulat
                          accumulation_steps=accumulation)
     config.objective.reduction = reduction
     config.data.train_pattern = npz
+    # dropout off: it draws other random numbers for other microbatch shapes, so accumulation
+    # equals one large batch only without it (tests/test_train.py does the same)
+    config.model.hidden_dropout = config.model.attention_dropout = 0.0
     return config
 
 
