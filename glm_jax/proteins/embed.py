@@ -141,11 +141,11 @@ def plan_batches(lengths: Sequence[int], max_tokens: int, cap: int) -> list[tupl
 
 @dataclasses.dataclass(frozen=True)
 class EmbedStats:
-    """What one `embed_proteins` run did."""
+    """What one `embed_proteins` run did (with `share`, counting this run's share only)."""
 
     proteins: int  # sequences given
-    unique: int  # distinct normalised sequences
-    already_stored: int  # unique sequences found in the store
+    unique: int  # distinct normalised sequences: already_stored + embedded
+    already_stored: int  # distinct sequences found in the store (once per input chunk they appear in)
     embedded: int  # sequences embedded by this run
     truncated: int  # of those, longer than max_residues
     seconds: float
