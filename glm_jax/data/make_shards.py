@@ -161,6 +161,12 @@ def make_shards(genome_paths: Sequence[str | pathlib.Path], out_dir: str | pathl
         store = embed([])
     all_proteins = protein_set.ProteinSet([d / "proteins" for d in work.host_dirs()])
 
+    embedding_dim = store.get([all_proteins.first()]).shape[1]
+    if transform is not None and embedding_dim != transform.mean.shape[0]:
+        work.discard()  # the store keeps the embeddings; a rerun with a matching normalisation starts here again
+        raise InputError(f"embeddings are {embedding_dim}-d but the normalisation is {transform.mean.shape[0]}-d "
+                         f"({transform_source}); use a matching ESM2 model or fit a new normalisation")
+
     # 3. normalisation: fitted once (process 0) over every partition, or the given one
     normalization = out_dir / "normalization.npz"
     if processes.primary and work.load("normalization", shared=True) is None:
@@ -173,10 +179,6 @@ def make_shards(genome_paths: Sequence[str | pathlib.Path], out_dir: str | pathl
     processes.barrier("make-shards: normalised")
     if transform is None:
         transform, transform_source = features.load_feature_transform(normalization), "fitted on this corpus"
-    embedding_dim = store.get([all_proteins.first()]).shape[1]
-    if embedding_dim != transform.mean.shape[0]:
-        raise InputError(f"embeddings are {embedding_dim}-d but the normalisation is {transform.mean.shape[0]}-d "
-                         f"({transform_source}); use a matching ESM2 model or fit a new normalisation")
 
     # 4. write this process's shards
     bytes_per_window = max_genes * (transform.emb_dim + transform.num_pc) * np.dtype(dtype).itemsize
