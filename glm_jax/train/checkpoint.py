@@ -179,6 +179,7 @@ class TrainCheckpointer:
         self.directory = self.workdir / CHECKPOINT_DIR
         self.read_only = read_only
         self._pending: Optional[int] = None   # the step being written in the background
+        self._closed = False
         self._problems: dict[tuple[int, Optional[tuple]], Optional[str]] = {}  # verification cache
         self._latest: dict[Optional[tuple], Optional[int]] = {}
         options = ocp.CheckpointManagerOptions(
@@ -280,12 +281,13 @@ class TrainCheckpointer:
 
     def _finish_pending(self, error: Optional[BaseException]) -> None:
         step, self._pending = self._pending, None
+        if error is not None:
+            self.close()  # stop orbax's threads: this checkpointer is done, the error ends the run
         if step is not None:
             _SAVES_IN_FLIGHT[0] -= 1
         if error is None:
             return
-        self._manager.reload()
-        intact = [s for s in self.all_steps() if s != step]
+        intact = sorted(int(d.name) for d in self.directory.iterdir() if d.name.isdigit() and d.name != str(step))
         reason = "the disk is full" if _is_disk_full(error) else first_line(error)
         raise CheckpointSaveError(
             f"checkpoint step {step} could not be written to {self.directory}: {reason}; the complete checkpoints "
@@ -336,8 +338,16 @@ class TrainCheckpointer:
             params=ocp.args.StandardRestore(params_target)))["params"]
 
     def close(self) -> None:
-        self.wait()
-        self._manager.close()
+        """Waits for the pending save (raising its error) and stops orbax's threads; idempotent."""
+        if self._closed:
+            return
+        if self._pending is not None:
+            self.wait()
+        self._closed = True
+        try:
+            self._manager.close()
+        except Exception:  # a failed save's error again: it was raised (or is being raised) by wait()
+            pass
 
 
 def load_model_from_workdir(workdir: str | pathlib.Path, step: Optional[int] = None, **config_changes) -> GLM:
