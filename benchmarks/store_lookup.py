@@ -15,6 +15,8 @@ included); `rss_before_mib` is its baseline before the store is opened.
 LMDB (one key -> value record per protein) and a zarr 3 array written by tensorstore (one
 [1, dim] inner chunk per row inside shards of 65,536 rows; keys -> rows through the same hash
 index as format 2 would need). The numbers and the choice are in docs/embedding-store.md.
+`--compare` needs `pip install lmdb` (tensorstore comes with orbax-checkpoint); glm-jax itself
+needs neither.
 """
 from __future__ import annotations
 
