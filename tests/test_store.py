@@ -249,3 +249,16 @@ def test_embed_proteins_reads_its_input_in_chunks(tiny_esm2_dir, tmp_path, monke
     assert (store.last_run.proteins, store.last_run.embedded, store.last_run.already_stored) == (14, 9, 3)
     whole = pe.embed_proteins(proteins, tmp_path / "whole", tiny_esm2_dir, max_tokens=128, progress=False)
     np.testing.assert_allclose(store.get(proteins), whole.get(proteins), rtol=0, atol=2e-3)
+
+
+def test_store_lookup_benchmark_runs_on_a_small_store(tmp_path):
+    """benchmarks/store_lookup.measure_store_get (the data_pipeline case's store numbers): builds,
+    looks up in a fresh process (values checked there), reports, and deletes the store."""
+    sys.path.insert(0, str(TESTS.parent))
+    from benchmarks import store_lookup
+
+    result = store_lookup.measure_store_get(3000, dim=16, keys=100, work_dir=tmp_path)
+    assert (result["rows"], result["dim"], result["keys"], result["kind"]) == (3000, 16, 100, "format2")
+    assert result["get_cold_s"] > 0 and result["get_warm_s"] > 0 and result["peak_rss_mib"] >= result["rss_before_mib"]
+    assert result["store_gb"] > 3000 * 16 * 2 / 1e9 and not list(tmp_path.iterdir())
+    assert store_lookup.sequence(0) == "MA" and store_lookup.sequence(21) == "MCC"
