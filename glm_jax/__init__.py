@@ -44,7 +44,7 @@ _EXPORTS = {
     "fit_normalization": "glm_jax.data.make_shards",
     # proteins
     "load_esm2": "glm_jax.proteins.esm2",
-    "EmbeddingStore": "glm_jax.proteins.store",
+    "EmbeddingStore": "glm_jax.proteins.embed",
     "embed_proteins": "glm_jax.proteins.embed",
     # training
     "train_and_evaluate": "glm_jax.train.trainer",
