@@ -9,9 +9,9 @@ GLM_JAX_PROCESS_ID=I (what `glm_jax.distributed.initialize` reads), and with K g
   its stderr on stderr, so every process's errors are seen.
 - When a child exits non-zero the others get SIGTERM, and SIGKILL `stop_timeout` seconds later
   (default 10): all children are gone within that bound after the first failure.
-- SIGTERM or SIGINT sent to the launcher is forwarded to every child (a training run saves a
-  checkpoint and exits 0); the children run in their own process groups, so a Ctrl-C on the
-  terminal reaches them once, through the launcher.
+- SIGTERM or SIGINT (Ctrl-C) sent to the launcher reaches every child as SIGTERM (a training run
+  saves a checkpoint and exits 0); a second Ctrl-C kills them. The children run in their own
+  process groups, so a Ctrl-C on the terminal reaches them only through the launcher.
 - Exit status: that of the first child to exit non-zero (128 + N for a child killed by signal
   N), else 0.
 """
@@ -180,13 +180,16 @@ class LocalRun:
 
 def launch_local(command: Sequence[str], processes: int, devices_per_process: Optional[int] = None,
                  port: Optional[int] = None, stop_timeout: float = STOP_TIMEOUT_S) -> int:
-    """Runs the children to the end, forwarding SIGTERM / SIGINT to them; returns the exit status."""
+    """Runs the children to the end, passing SIGTERM / SIGINT on to them as SIGTERM; returns the exit status."""
     run = LocalRun(command, processes, devices_per_process, port=port, stop_timeout=stop_timeout)
-    previous = {}
+    previous, received = {}, []
 
     def forward(signum, frame):
         del frame
-        run.send_signal(signum)
+        received.append(signum)
+        # SIGTERM is what makes training save and stop (a SIGINT would interrupt it unsaved);
+        # a second Ctrl-C means "now": SIGKILL.
+        run.send_signal(signal.SIGKILL if received.count(signal.SIGINT) > 1 else signal.SIGTERM)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous[signum] = signal.signal(signum, forward)

@@ -150,7 +150,7 @@ CHILD = ("import os, signal, sys, time\n"
          "time.sleep(60)\n")
 
 
-def _launch(*child_args, signal_after=None):
+def _launch(*child_args, signal_after=None, signum=None):
     import signal
     import time
     command = [sys.executable, "-m", "glm_jax.cli", "launch-local", "--processes", "2", "--devices-per-process", "3",
@@ -159,7 +159,7 @@ def _launch(*child_args, signal_after=None):
     launcher_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if signal_after is not None:
         time.sleep(signal_after)
-        launcher_process.send_signal(signal.SIGTERM)
+        launcher_process.send_signal(signum or signal.SIGTERM)
     out, err = launcher_process.communicate(timeout=60)
     return launcher_process.returncode, out, err, time.monotonic() - started
 
@@ -172,6 +172,8 @@ def test_launch_local_prefixes_output_and_stops_the_others_when_one_fails():
     assert "[p0] TERM 0" in out and seconds < 20  # the survivor was stopped at once, not after 60 s
 
 
-def test_launch_local_forwards_sigterm_to_every_child():
-    code, out, err, _ = _launch("-1", signal_after=3)
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_launch_local_passes_sigterm_and_ctrl_c_to_every_child_as_sigterm(signum):
+    import signal
+    code, out, err, _ = _launch("-1", signal_after=3, signum=getattr(signal, signum))
     assert code == 0 and "[p0] TERM 0" in out and "[p1] TERM 1" in out, (out, err)

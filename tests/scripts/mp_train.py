@@ -2,7 +2,7 @@
 single-process reference.
 
     python tests/scripts/mp_train.py NPZ WORKDIR[,WORKDIR2...] [--steps N] [--reduction R[,R2...]]
-        [--accumulation K] [--delay S] [--checkpoint-every C]
+        [--accumulation K] [--delay S] [--checkpoint-every C] [--log-every L]
 
 Trains configs/tiny.py (dropout off) on mesh (4, 2, 1) (data x fsdp: parameters sharded across processes) with
 global batch 16 read from NPZ by `trainer.open_reader`, one run per WORKDIR (with the matching
@@ -26,6 +26,7 @@ if __name__ == "__main__":
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--checkpoint-every", type=int, default=2)
+    parser.add_argument("--log-every", type=int, default=1)
     args = parser.parse_args()
     distributed.initialize()
 
@@ -64,9 +65,9 @@ class RecordingReader:
 
 
 def config_for(npz: str, steps: int, reduction: str = "all_positions", accumulation: int = 1,
-               checkpoint_every: int = 2):
+               checkpoint_every: int = 2, log_every: int = 1):
     config = tiny_config(steps=steps, mesh=(4, 2, 1), checkpoint_every=checkpoint_every,
-                         accumulation_steps=accumulation)
+                         accumulation_steps=accumulation, log_every=log_every)
     config.objective.reduction = reduction
     config.data.train_pattern = npz
     # dropout off: it draws other random numbers for other microbatch shapes, so accumulation
@@ -76,9 +77,9 @@ def config_for(npz: str, steps: int, reduction: str = "all_positions", accumulat
 
 
 def train_one(npz: str, workdir: str, reduction: str, *, steps: int, accumulation: int, checkpoint_every: int,
-              delay: float = 0.0):
+              delay: float = 0.0, log_every: int = 1):
     """One run (see the module docstring) on every device of every process; its TrainResult."""
-    config = config_for(npz, steps, reduction, accumulation, checkpoint_every)
+    config = config_for(npz, steps, reduction, accumulation, checkpoint_every, log_every)
     t = config.train
     reader = RecordingReader(trainer.open_reader(npz, "train", t.batch_size // jax.process_count(), t.seed, True),
                              delay)
@@ -96,4 +97,4 @@ def train_one(npz: str, workdir: str, reduction: str, *, steps: int, accumulatio
 if __name__ == "__main__":
     for workdir, reduction in zip(args.workdirs.split(","), args.reduction.split(",")):
         train_one(args.npz, workdir, reduction, steps=args.steps, accumulation=args.accumulation,
-                  checkpoint_every=args.checkpoint_every, delay=args.delay)
+                  checkpoint_every=args.checkpoint_every, delay=args.delay, log_every=args.log_every)
