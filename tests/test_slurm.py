@@ -27,10 +27,10 @@ CLUSTER_SCRIPT = REPO_ROOT / "tests" / "slurm" / "cluster.sh"
 SBATCH_SCRIPT = REPO_ROOT / "launch" / "slurm.sbatch"
 DEFAULT_CLUSTER_CONF = pathlib.Path(os.environ.get("GLM_JAX_SLURM_DIR", "/tmp/glm-jax-slurm")) / "slurm.conf"
 # A job's time-limit signal: SLURM checks time limits every 30 s and sends --signal=B:SIG@LEAD at
-# the first check after (limit - LEAD - 30 s), so with --time=3 and a lead of 100 s the script gets
-# USR1 50-80 s after the job starts (well after JAX's start-up, even on a loaded machine), and the
-# tasks have 100 s + KillWait to save.
-TIME_LIMIT_OPTIONS = ("--time=3", "--signal=B:USR1@100")
+# the first check after (limit - LEAD - 30 s), so with --time=2 and a lead of 70 s the script gets
+# USR1 20-50 s after the job starts (it passes it on once the tasks train), and the tasks have
+# 70 s + KillWait to save.
+TIME_LIMIT_OPTIONS = ("--time=2", "--signal=B:USR1@70")
 EXTRA_STEPS = 30  # steps the requeued run trains after the checkpoint of the time limit
 
 
