@@ -9,6 +9,11 @@ size: wall time of the whole command, the child's peak RSS (os.wait4's ru_maxrss
 alone), genes/s (items_per_s), distinct proteins/s and windows/s. --baseline REF runs the same
 command with the code of commit REF (git archive) for comparison (ratio_vs_baseline = its time /
 this time; its peak RSS in extra). `infer` is not measured here yet.
+
+`--embedder hash` replaces ESM2 by a stand-in that writes the same store (format 2, one part per
+process) with embeddings drawn from a hash of each sequence: everything make-shards does but the
+model's arithmetic, for corpora whose ESM2 time (even 1 x 256) would not fit the time at hand.
+The child is then `python benchmarks/cases/data_pipeline.py hash-child MAKE-SHARDS-ARGS...`.
 """
 from __future__ import annotations
 
@@ -21,8 +26,11 @@ import sys
 import tempfile
 import time
 
-from benchmarks import synthetic_metagenome
-from benchmarks.recorder import REPO
+if __name__ == "__main__":  # the hash child runs this file as a script
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
+from benchmarks import synthetic_metagenome  # noqa: E402
+from benchmarks.recorder import REPO  # noqa: E402
 
 CASE = "data_pipeline"
 
@@ -35,6 +43,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workdir", type=pathlib.Path, help="where corpora and outputs go (default: a temporary folder)")
     parser.add_argument("--baseline", metavar="REF", help="also run the code of git commit REF on the same corpora")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds allowed per make-shards run")
+    parser.add_argument("--embedder", choices=("esm2", "hash"), default="esm2",
+                        help="hash: a stand-in for ESM2 that writes the same store without the model's arithmetic")
 
 
 def random_esm2(directory: pathlib.Path, hidden: int, layers: int) -> pathlib.Path:
@@ -104,6 +114,8 @@ def run(args, recorder) -> None:
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="glm-jax-data-pipeline-"))
     workdir.mkdir(parents=True, exist_ok=True)
     model = random_esm2(workdir / f"esm2-{args.esm2_layers}x{args.esm2_dim}", args.esm2_dim, args.esm2_layers)
+    if args.baseline and args.embedder == "hash":
+        raise SystemExit("--baseline runs the old code's ESM2 path: use it with --embedder esm2")
     env = os.environ | {"USE_TF": "0", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ""}
     for genes in sizes:
         inputs = corpus(workdir, genes, args.format)
@@ -116,11 +128,14 @@ def run(args, recorder) -> None:
             shutil.rmtree(out, ignore_errors=True)
             command = [sys.executable, "-m", "glm_jax.cli", "make-shards", *inputs, "--out", str(out),
                        "--esm2", str(model), "--no-progress"]
+            if args.embedder == "hash":
+                command[1:4] = [str(pathlib.Path(__file__).resolve()), "hash-child"]
             run_env = env | ({"PYTHONPATH": str(cwd)} if ref else {})
             results[name] = measure(command, run_env, cwd, args.timeout)
             results[name]["out"] = out
         result = results["this"]
-        shapes = {"genes": genes, "format": args.format, "esm2": f"{args.esm2_layers}x{args.esm2_dim}"}
+        shapes = {"genes": genes, "format": args.format,
+                  "esm2": f"{args.esm2_layers}x{args.esm2_dim}" if args.embedder == "esm2" else f"hash {args.esm2_dim}-d"}
         common = dict(case=CASE, config=f"{genes} genes", impl="make-shards", dtype="float16", shapes=shapes)
         if result["returncode"] != 0:
             recorder.record(**common, status="failed", reason=result["log"].strip().splitlines()[-1][:300])
@@ -144,3 +159,53 @@ def run(args, recorder) -> None:
                         ratio_vs_baseline=ratio, status="ok", extra=extra)
         for name, r in results.items():
             shutil.rmtree(r["out"], ignore_errors=True)
+
+
+class HashEmbed:
+    """make-shards' `embed` without a model: float16 rows drawn from a hash of each sequence,
+    written to a real embedding store at `store_dir` (this process's part), as Esm2Embed does."""
+
+    def __init__(self, store_dir, dim: int, writer: str | None = None):
+        self.store_dir, self.dim, self.writer = store_dir, dim, writer
+
+    def rows(self, sequences) -> "np.ndarray":
+        import hashlib
+
+        import numpy as np
+        seeds = [int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "little") for s in sequences]
+        return np.stack([np.random.default_rng(seed).normal(size=self.dim) for seed in seeds]).astype(np.float16)
+
+    def __call__(self, sequences):
+        from glm_jax.proteins.store import DEFAULT_WRITER, EmbeddingStore
+        store = EmbeddingStore(self.store_dir, model={"dim": self.dim, "fingerprint": "hash"})
+        chunk = []
+        with store.writing(self.writer or DEFAULT_WRITER):
+            for sequence in sequences:
+                chunk.append(sequence)
+                if len(chunk) == 4096:
+                    store.add(chunk, self.rows(chunk))
+                    chunk = []
+            if chunk:
+                store.add(chunk, self.rows(chunk))
+        return store
+
+    def open(self):
+        from glm_jax.proteins.store import EmbeddingStore
+        return EmbeddingStore(self.store_dir)
+
+
+def hash_child(argv: list[str]) -> int:
+    """`glm-jax make-shards ARGV` with `HashEmbed` in place of ESM2 (of --esm2's hidden size)."""
+    from glm_jax.cli import main as cli
+    from glm_jax.data import make_shards
+
+    def embedder(model_dir, store_dir, *, writer=None, **_):
+        dim = json.loads((pathlib.Path(model_dir) / "config.json").read_text())["hidden_size"]
+        return HashEmbed(store_dir, dim, writer), {"esm2": {"model_dir": "hash stand-in", "store": str(store_dir)}}
+
+    make_shards.esm2_embedder = embedder
+    return cli.main(["make-shards", *argv])
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["hash-child"]:
+    sys.exit(hash_child(sys.argv[2:]))
