@@ -110,7 +110,7 @@ def baseline_tree(workdir: pathlib.Path, ref: str) -> pathlib.Path:
 
 
 def run(args, recorder) -> None:
-    sizes = [2000] if args.quick else [int(g) for g in args.genes.split(",")]
+    sizes = [1000] if args.quick else [int(g) for g in args.genes.split(",")]
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="glm-jax-data-pipeline-"))
     workdir.mkdir(parents=True, exist_ok=True)
     model = random_esm2(workdir / f"esm2-{args.esm2_layers}x{args.esm2_dim}", args.esm2_dim, args.esm2_layers)
