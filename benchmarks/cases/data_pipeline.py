@@ -124,7 +124,7 @@ def run(args, recorder) -> None:
             runs["baseline"] = (baseline_tree(workdir, args.baseline), args.baseline)
         results = {}
         for name, (cwd, ref) in runs.items():
-            out = workdir / f"shards-{genes}-{args.format}-{name}"
+            out = workdir / f"shards-{genes}-{args.format}-{args.embedder}-{name}"
             shutil.rmtree(out, ignore_errors=True)
             command = [sys.executable, "-m", "glm_jax.cli", "make-shards", *inputs, "--out", str(out),
                        "--esm2", str(model), "--no-progress"]
