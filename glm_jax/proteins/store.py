@@ -193,7 +193,9 @@ class Part:
         tail = np.fromfile(self.path / KEYS_FILE, np.uint64, 2 * (self.rows - self.indexed),
                            offset=16 * self.indexed).reshape(-1, 2) if self.rows > self.indexed else None
         self._set_tail(tail)
-        self._embeddings = _map(self.path / EMBEDDINGS_FILE, np.float16, self.rows * self.dim).reshape(self.rows, self.dim)
+        # Rows are read with pread, not through a mapping: a mapped page cache (large folios, fault-
+        # around) would enter the process's RSS, growing it towards the store's size over many gets.
+        self._embeddings = open(self.path / EMBEDDINGS_FILE, "rb", buffering=0)
 
     def _set_tail(self, hashes: np.ndarray | None) -> None:
         """The unindexed rows [indexed, rows): uint64 [m, 3] (high, low, row), sorted in memory."""
@@ -237,9 +239,17 @@ class Part:
     def read(self, rows: np.ndarray) -> np.ndarray:
         """int64 [n] rows -> float16 [n, dim], reading only those rows (in ascending order)."""
         order = np.argsort(rows)
-        _willneed(self._embeddings, 2 * self.dim * rows, 2 * self.dim)
         out = np.empty((len(rows), self.dim), np.float16)
-        out[order] = self._embeddings[rows[order]]
+        size, fd = 2 * self.dim, self._embeddings.fileno()
+        if not size:
+            return out
+        for row in rows[order]:  # all reads queued at once (asynchronous readahead), then copied in order
+            os.posix_fadvise(fd, int(row) * size, size, os.POSIX_FADV_WILLNEED)
+        ordered = np.empty_like(out)
+        for i, row in enumerate(rows[order]):
+            if os.preadv(fd, [ordered[i]], int(row) * size) != size:
+                raise InputError(f"{self.path / EMBEDDINGS_FILE}: row {row} is past the end of the file")
+        out[order] = ordered
         return out
 
     def hashes(self) -> np.ndarray:
@@ -348,7 +358,6 @@ class PartWriter(Part):
                 os.fsync(handle.fileno())
         self.rows += len(hashes)
         self._write_info()
-        self._embeddings = _map(self.path / EMBEDDINGS_FILE, np.float16, self.rows * self.dim).reshape(self.rows, self.dim)
         self._tail_keys.append(np.asarray(hashes, np.uint64))
         if self.rows - self.indexed >= TAIL_ROWS:
             self.fold()
