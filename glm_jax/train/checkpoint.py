@@ -138,7 +138,10 @@ def step_problem(step_dir: pathlib.Path, items: Optional[tuple[str, ...]] = None
         return None
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"{DIGEST_FILE} unreadable ({type(error).__name__})"
-    actual = _digest_files(step_dir, items)
+    try:
+        actual = _digest_files(step_dir, items)
+    except OSError as error:  # e.g. another process moved the step aside while this one read it
+        return f"unreadable ({type(error).__name__}: {error.filename})"
     for relative, (size, crc) in recorded.items():
         if items and relative.split("/")[0] not in items:
             continue
