@@ -36,6 +36,7 @@ def test_parts_index_and_tail_find_every_row(tmp_path, monkeypatch):
     index and after close, across parts; keys sharing the high word are told apart by the low."""
     monkeypatch.setattr(st, "TAIL_ROWS", 800)  # folds at 900 and 1800 rows: index + tail both in play
     monkeypatch.setattr(st, "BLOCK_WORDS", 32)  # blocks of 10 entries: many, some equal high words across edges
+    monkeypatch.setattr(st, "LOOKUP_BATCH", 64)  # lookups in several batches of queries
     hashes, embeddings = random_rows(3000)
     hashes[1::37, 0] = hashes[0:-1:37, 0]  # pairs with equal high words
     store = st.EmbeddingStore(tmp_path / "s", model=MODEL)

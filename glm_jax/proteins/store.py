@@ -34,7 +34,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import mmap
 import os
 import pathlib
 import shutil
@@ -57,6 +56,7 @@ KEYS_FILE = "keys.u64"
 EMBEDDINGS_FILE = "embeddings.f16"
 LOCK_FILE = "writer.lock"
 BLOCK_WORDS = 512  # uint64 words per index block: one 4 KiB page, holding 170 (high, low, row) entries
+LOOKUP_BATCH = 8192  # queries whose index blocks one lookup holds at once (32 MiB)
 TAIL_ROWS = 1 << 20  # unindexed rows a writer keeps (16 MiB of hashes) before folding them into the index
 IDENTITY_FIELDS = ("fingerprint", "config", "layer", "dim", "compute_dtype", "max_residues")
 DEFAULT_WRITER = "p00000"
@@ -107,31 +107,41 @@ def share_of(hashes: np.ndarray, count: int) -> np.ndarray:
 # Reading one part
 
 
-def _map(path: pathlib.Path, dtype, count: int) -> np.ndarray:
-    """The first `count` items of a raw file, read-only and memory-mapped for random access (no
-    read-ahead around each page: a lookup wants one row, not its neighbours)."""
-    if count == 0:
-        return np.empty(0, dtype)
-    with open(path, "rb") as handle:
-        mapped = mmap.mmap(handle.fileno(), count * np.dtype(dtype).itemsize, access=mmap.ACCESS_READ)
-    if hasattr(mapped, "madvise"):
-        mapped.madvise(mmap.MADV_RANDOM)
-    return np.frombuffer(mapped, dtype, count)
-
-
-def _willneed(array: np.ndarray, offsets: np.ndarray, length: int) -> None:
-    """Starts reading the byte ranges [offset, offset + length) of a mapped array, all at once
-    (MADV_WILLNEED queues the reads and returns), so the accesses that follow wait for one round
-    of parallel reads instead of one page fault after another."""
-    base = array
-    while base is not None and not isinstance(base, mmap.mmap):  # array -> ... -> memoryview -> mmap
-        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
-    if base is None or not hasattr(base, "madvise") or not len(offsets):
+def _pread_rows(handle, rows: np.ndarray, out: np.ndarray) -> None:
+    """Reads rows `rows` (int64 [n]) of a raw file of out.shape[1:]-shaped rows into `out` [n, ...]:
+    first advises the kernel to read them all (POSIX_FADV_WILLNEED queues asynchronous reads, so
+    a cold lookup waits for one round of parallel reads, not one read after another), then copies
+    each. pread, not a mapping: a mapped page cache (large folios, fault-around) would enter the
+    process's RSS and grow it towards the store's size over many lookups."""
+    size, fd = out[0].nbytes if len(out) else 0, handle.fileno()
+    if not size:
         return
-    offsets = np.asarray(offsets, np.int64)
-    starts = offsets // mmap.PAGESIZE * mmap.PAGESIZE
-    for start, end in np.unique(np.stack([starts, np.minimum(offsets + length, len(base))], 1), axis=0):
-        base.madvise(mmap.MADV_WILLNEED, int(start), int(end - start))
+    for row in rows:
+        os.posix_fadvise(fd, int(row) * size, size, os.POSIX_FADV_WILLNEED)
+    for i, row in enumerate(rows):
+        if os.preadv(fd, [out[i]], int(row) * size) != size:
+            raise InputError(f"{handle.name}: row {row} is past the end of the file")
+
+
+class _IndexBlocks:
+    """The index blocks one lookup reads, fetched with `_pread_rows` on first use and kept."""
+
+    def __init__(self, part: "Part"):
+        self.part, self.ids = part, np.empty(0, np.int64)
+        self.data = np.empty((0, part.block_words), np.uint64)
+
+    def entry(self, positions, field: int):
+        """Field `field` of index entries `positions` (entry p: word 3 (p mod R) + field of block p // R)."""
+        per_block = self.part.per_block
+        block = np.asarray(positions) // per_block
+        missing = np.setdiff1d(block, self.ids)
+        if len(missing):
+            new = np.empty((len(missing), self.part.block_words), np.uint64)
+            _pread_rows(self.part._index, missing, new)
+            ids, data = np.concatenate([self.ids, missing]), np.concatenate([self.data, new])
+            order = np.argsort(ids)
+            self.ids, self.data = ids[order], data[order]
+        return self.data[np.searchsorted(self.ids, block), 3 * (np.asarray(positions) % per_block) + field]
 
 
 def _find(entry, size: int, start: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -185,16 +195,13 @@ class Part:
         self.index_name, self.block_words = info.get("index"), int(info.get("block_words", BLOCK_WORDS))
         self.per_block = self.block_words // 3
         if self.indexed:
-            blocks = -(-self.indexed // self.per_block)
-            self._index = _map(self.path / self.index_name, np.uint64, blocks * self.block_words)
+            self._index = open(self.path / self.index_name, "rb", buffering=0)
             self._fences = np.fromfile(self.path / f"fences-{self.indexed:012d}.u64", np.uint64)
         else:
-            self._index, self._fences = np.empty(0, np.uint64), np.empty(0, np.uint64)
+            self._index, self._fences = None, np.empty(0, np.uint64)
         tail = np.fromfile(self.path / KEYS_FILE, np.uint64, 2 * (self.rows - self.indexed),
                            offset=16 * self.indexed).reshape(-1, 2) if self.rows > self.indexed else None
         self._set_tail(tail)
-        # Rows are read with pread, not through a mapping: a mapped page cache (large folios, fault-
-        # around) would enter the process's RSS, growing it towards the store's size over many gets.
         self._embeddings = open(self.path / EMBEDDINGS_FILE, "rb", buffering=0)
 
     def _set_tail(self, hashes: np.ndarray | None) -> None:
@@ -205,31 +212,34 @@ class Part:
         """Where index entry `positions` keeps `field`: entry p is word 3 (p mod R) + field of block p // R."""
         return positions // self.per_block * self.block_words + 3 * (positions % self.per_block) + field
 
-    def _entry(self, positions, field: int):
-        return self._index[self._words(positions, field)]
-
-    def _lower_bound(self, high: np.ndarray, prefetch: bool = True) -> np.ndarray:
+    def _lower_bound(self, high: np.ndarray, entry) -> np.ndarray:
         """First index position whose high word is >= each of `high` -> int64 [n]. The in-memory
-        fences (each block's first high word) pick the one block where it can lie, a binary search
-        of all queries at once finds it there (8 steps, O(n) scratch memory); with `prefetch`, the
-        blocks are first queued for reading together."""
+        fences (each block's first high word) pick the one block where it can lie; a binary search
+        of all queries at once finds it there (8 steps). Its first step reads every query's block
+        in one round (`_IndexBlocks`); the others find them read."""
         b = np.searchsorted(self._fences, high, side="left")  # blocks starting below the key
-        block = np.maximum(b - 1, 0)
-        left, right = block * self.per_block, np.minimum(b * self.per_block, self.indexed)
-        if prefetch:
-            _willneed(self._index, 8 * self.block_words * block, 8 * 3 * self.per_block)
+        left = np.maximum(b - 1, 0) * self.per_block
+        right = np.minimum(b * self.per_block, self.indexed)
         while (active := left < right).any():
             middle = (left + right) // 2
-            below = self._entry(np.minimum(middle, self.indexed - 1), 0) < high
+            below = entry(np.minimum(middle, self.indexed - 1), 0) < high
             left = np.where(active & below, middle + 1, left)
             right = np.where(active & ~below, middle, right)
         return left
 
+    def _positions(self, high: np.ndarray) -> np.ndarray:
+        """`_lower_bound` in batches of LOOKUP_BATCH queries (its blocks: 4 KiB per query)."""
+        return np.concatenate([np.empty(0, np.int64)] + [
+            self._lower_bound(high[a:a + LOOKUP_BATCH], _IndexBlocks(self).entry)
+            for a in range(0, len(high), LOOKUP_BATCH)])
+
     def lookup(self, query: np.ndarray) -> np.ndarray:
         """uint64 [n, 2] hashes -> int64 [n] rows of this part, -1 where absent."""
         found = np.full(len(query), -1, np.int64)
-        if self.indexed:
-            found = _find(self._entry, self.indexed, self._lower_bound(query[:, 0]), query)
+        for a in range(0, len(query) if self.indexed else 0, LOOKUP_BATCH):
+            batch, blocks = query[a:a + LOOKUP_BATCH], _IndexBlocks(self)
+            found[a:a + len(batch)] = _find(blocks.entry, self.indexed, self._lower_bound(batch[:, 0], blocks.entry),
+                                            batch)
         if len(self._tail):
             tail = _find(_table_entry(self._tail), len(self._tail), np.searchsorted(self._tail[:, 0], query[:, 0]),
                          query)
@@ -240,15 +250,8 @@ class Part:
         """int64 [n] rows -> float16 [n, dim], reading only those rows (in ascending order)."""
         order = np.argsort(rows)
         out = np.empty((len(rows), self.dim), np.float16)
-        size, fd = 2 * self.dim, self._embeddings.fileno()
-        if not size:
-            return out
-        for row in rows[order]:  # all reads queued at once (asynchronous readahead), then copied in order
-            os.posix_fadvise(fd, int(row) * size, size, os.POSIX_FADV_WILLNEED)
         ordered = np.empty_like(out)
-        for i, row in enumerate(rows[order]):
-            if os.preadv(fd, [ordered[i]], int(row) * size) != size:
-                raise InputError(f"{self.path / EMBEDDINGS_FILE}: row {row} is past the end of the file")
+        _pread_rows(self._embeddings, rows[order], ordered)
         out[order] = ordered
         return out
 
@@ -383,16 +386,19 @@ class PartWriter(Part):
         tail = _sorted_table(np.concatenate(self._tail_keys), self.indexed)
         total = self.rows
         # Tail entry j goes before old entry at[j]; old entry i moves up by the tail entries before it.
-        at = self._lower_bound(tail[:, 0], prefetch=False) if self.indexed else np.zeros(len(tail), np.int64)
+        at = self._positions(tail[:, 0]) if self.indexed else np.zeros(len(tail), np.int64)
         name = f"index-{total:012d}.u64"
         blocks = -(-total // self.per_block)
         with files.atomic_path(self.path / name) as tmp:
             merged = np.memmap(tmp, np.uint64, "w+", shape=(blocks * self.block_words,))
-            for a in range(0, self.indexed, TAIL_ROWS):  # the old index, a block of entries at a time
-                i = np.arange(a, min(a + TAIL_ROWS, self.indexed))
+            step = TAIL_ROWS // self.per_block * self.per_block
+            for a in range(0, self.indexed, step):  # the old index, whole blocks at a time
+                i = np.arange(a, min(a + step, self.indexed))
+                old = np.fromfile(self.path / self.index_name, np.uint64, offset=8 * self.block_words * (a // self.per_block),
+                                  count=self.block_words * -(-len(i) // self.per_block))
                 words = self._words(i + np.searchsorted(at, i, side="right"), 0)
                 for field in range(3):
-                    merged[words + field] = self._entry(i, field)
+                    merged[words + field] = old[self._words(i - a, field)]
             words = self._words(at + np.arange(len(at)), 0)
             for field in range(3):
                 merged[words + field] = tail[:, field]
