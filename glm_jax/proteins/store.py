@@ -4,7 +4,7 @@ Layout (docs/embedding-store.md explains the choices and the measurement behind 
 
     STORE/manifest.json                 {"format": 2, "model": identity of the ESM2 run}
     STORE/parts/NAME/part.json          committed rows, indexed rows, index file, model identity
-    STORE/parts/NAME/embeddings.f16     float16 [rows, dim], appended, memory-mapped by readers
+    STORE/parts/NAME/embeddings.f16     float16 [rows, dim], appended; readers pread the rows they need
     STORE/parts/NAME/keys.u64           uint64 [rows, 2]: each row's 128-bit key hash, appended
     STORE/parts/NAME/index-N.u64        uint64 [ceil(N / 170), 512]: the N indexed rows' (hash high, hash low,
                                         row) sorted by high word, 170 to a 4 KiB block
