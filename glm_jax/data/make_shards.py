@@ -185,9 +185,8 @@ def make_shards(genome_paths: Sequence[str | pathlib.Path], out_dir: str | pathl
     multiple = math.lcm(shard_multiple, processes.count)
     counts = {name: num_shards or shards.choose_num_shards(n, bytes_per_window, multiple)
               for name, n in plan.split_windows.items() if n}
-    written = work.load("shards")
-    if written is None:
-        written = work.done("shards", write_windows(
+    if work.load("shards") is None:
+        work.done("shards", write_windows(
             out_dir, spill, counts, store, transform, max_genes, np.dtype(dtype), seed=seed,
             shuffle_buffer=shuffle_buffer, process_index=processes.index, process_count=processes.count,
             total=plan.planned_here, progress=progress))
