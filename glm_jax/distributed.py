@@ -24,7 +24,8 @@ task (--gpus-per-task). Without GPUs nothing is restricted.
 Timeouts (seconds, environment overrides): connecting waits at most GLM_JAX_INIT_TIMEOUT (60)
 for the coordinator and every process; a process whose heartbeats stop for
 GLM_JAX_HEARTBEAT_TIMEOUT (30) is declared dead and the others stop with an error instead of
-waiting on a collective; shutting down waits at most GLM_JAX_SHUTDOWN_TIMEOUT (30) for peers.
+waiting on a collective; shutting down waits at most GLM_JAX_SHUTDOWN_TIMEOUT (30) for peers
+(on CPU a collective with a dead peer fails at once, so that is how long a survivor lingers).
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from helpers import SCRIPTS_DIR, random_windows
-from multiprocess import HEARTBEAT_S, finish, python, run_processes, start_processes, wait_for_line
+from multiprocess import HEARTBEAT_S, SHUTDOWN_S, finish, python, run_processes, start_processes, wait_for_line
 
 from glm_jax.train import metrics_log
 
@@ -33,7 +33,9 @@ pytestmark = pytest.mark.multiprocess
 
 STEPS, ACCUMULATION = 4, 2
 REDUCTIONS = ("all_positions", "masked_genes")
-LOST_PEER_BOUND_S = HEARTBEAT_S + 25  # heartbeat timeout, then JAX's error polling and the abort
+# A lost peer: the survivor's collective fails at once (gloo: connection reset) and it waits
+# SHUTDOWN_S for its peers at exit, or JAX's heartbeat check ends it after HEARTBEAT_S.
+LOST_PEER_BOUND_S = max(HEARTBEAT_S, SHUTDOWN_S) + 25
 
 
 def _mp_train():
