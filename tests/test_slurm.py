@@ -27,10 +27,10 @@ CLUSTER_SCRIPT = REPO_ROOT / "tests" / "slurm" / "cluster.sh"
 SBATCH_SCRIPT = REPO_ROOT / "launch" / "slurm.sbatch"
 DEFAULT_CLUSTER_CONF = pathlib.Path(os.environ.get("GLM_JAX_SLURM_DIR", "/tmp/glm-jax-slurm")) / "slurm.conf"
 # A job's time-limit signal: SLURM checks time limits every 30 s and sends --signal=B:SIG@LEAD at
-# the first check after (limit - LEAD - 30 s), so with --time=2 and a lead of 70 s the script gets
-# USR1 20-50 s after the job starts (it passes it on once the tasks train), and the tasks have
-# 70 s + KillWait to save.
-TIME_LIMIT_OPTIONS = ("--time=2", "--signal=B:USR1@70")
+# the first check after (limit - LEAD - 30 s), so with --time=5 and a lead of 250 s the script gets
+# USR1 20-50 s after the job starts and passes it on once the tasks train; the limit itself, 5
+# minutes, leaves room for a slow start-up on a loaded machine.
+TIME_LIMIT_OPTIONS = ("--time=5", "--signal=B:USR1@250")
 EXTRA_STEPS = 30  # steps the requeued run trains after the checkpoint of the time limit
 
 
@@ -130,7 +130,7 @@ def newest_step(workdir: pathlib.Path) -> int:
 
 
 def test_time_limited_job_saves_requeues_and_ends_equal_to_an_uninterrupted_srun_run(slurm_env, run_dir):
-    """sbatch launch/slurm.sbatch with 2 tasks and a 2-minute limit: SLURM's time-limit signal ->
+    """sbatch launch/slurm.sbatch with 2 tasks and a 5-minute limit: SLURM's time-limit signal ->
     every task saves at one step K and exits 0 -> the script requeues the job -> run 2 resumes at
     K and trains to K + EXTRA_STEPS. `srun -n 2 glm-jax train --distributed` of K + EXTRA_STEPS
     steps from scratch ends with the same parameters, bit for bit.
@@ -143,10 +143,10 @@ def test_time_limited_job_saves_requeues_and_ends_equal_to_an_uninterrupted_srun
     job, log = sbatch(slurm_env, run_dir, "job", *TIME_LIMIT_OPTIONS)
     try:
         match = wait_until(lambda: re.search(r"glm-jax train: preempted at step (\d+)", log.read_text()
-                                             if log.exists() else ""), 240, "a save at the time limit", log)
+                                             if log.exists() else ""), 360, "a save at the time limit", log)
         total = int(match.group(1)) + EXTRA_STEPS
         (run_dir / "num_steps").write_text(str(total))  # before run 2 starts: the requeue waits cred_expire (5 s)
-        slurm(slurm_env, "scontrol", "update", f"JobId={job}", "TimeLimit=10")
+        slurm(slurm_env, "scontrol", "update", f"JobId={job}", "TimeLimit=30")
         fields = final_state(slurm_env, job, 300, log)
     finally:
         subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
