@@ -332,7 +332,8 @@ def _esm2_stage(records):
     if not r or r.get("status", "ok") != "ok":
         return r, None
     proteins = (r.get("shapes") or {}).get("proteins")
-    return r, (f"the main job's ESM2-8M stage: {proteins:,} proteins in {fmt_seconds(r.get('median_s'))} "
+    return r, (f"the `embed-proteins` stage on {proteins:,} distinct proteins of `data/genomes/`: "
+               f"{fmt_seconds(r.get('median_s'))} "
                f"({fmt_number(r.get('items_per_s'))} {r.get('items_unit')}, float32, cold, compilation included)")
 
 
