@@ -9,7 +9,6 @@ so the golden stays small (~60 kB) and still checks each row's values.
 """
 import gzip
 import pathlib
-import sys
 
 import numpy as np
 import pandas as pd

@@ -19,55 +19,25 @@ import pytest
 from Bio import SeqIO
 from Bio.SeqFeature import FeatureLocation, SeqFeature
 
+import infer_golden
+
 from glm_jax.cli import main as cli
-from glm_jax.data import features
 from glm_jax.inference import genome, inputs
 from glm_jax.inference.predict import forward
 from glm_jax.model import checkpoint
-from glm_jax.model.glm import GLMConfig, create_model
+from glm_jax.model.glm import create_model
 from glm_jax.proteins import embed as protein_embed
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-META = REPO / "data" / "genomes" / "pharokka_meta_5phages.gbk.gz"
+META = infer_golden.META
 WINDOW, STRIDE = 30, 15
-OPTIONS = dict(layers=(0, 2), hypotheses=True, context_only=True, attention="pairs", include_esm2=True,
-               batch_size=8, chunk_windows=4, progress=False)
-
-
-def biopython_records(path):
-    """{record id: [(locus_tag, protein, strand), ...]} of translated, non-pseudo CDS, file order."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as handle:
-        return {r.id: [(f.qualifiers["locus_tag"][0], f.qualifiers["translation"][0].rstrip("*"), f.location.strand)
-                       for f in r.features if f.type == "CDS" and "translation" in f.qualifiers
-                       and "pseudo" not in f.qualifiers] for r in SeqIO.parse(handle, "genbank")}
+OPTIONS = infer_golden.OPTIONS  # window 30, stride 15, every output, 4 windows per chunk
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_esm2_dir, tmp_path_factory):
     """ESM2 store of the genome's proteins, a normalisation/PCA fitted on it, a tiny gLM model
-    directory holding that normalization.npz, and one full run on all 8 devices."""
-    root = tmp_path_factory.mktemp("infer")
-    records = biopython_records(META)
-    proteins = list(dict.fromkeys(p for genes in records.values() for _, p, _ in genes))
-    # Running even the tiny ESM2 over 559 proteins compiles ~18 shapes (over a minute on 2 busy
-    # cores), so the store is pre-filled under the tiny ESM2's identity with stand-in embeddings,
-    # except for the 7 proteins of the short-record test, which `infer` embeds with the model.
-    short = {p for _, p, _ in records["NC_004617.1"][:7]}
-    identity = protein_embed.Esm2Embedder.load(tiny_esm2_dir).identity(max_residues=12_288)
-    store = protein_embed.EmbeddingStore(root / "store", model=identity)
-    stand_ins = [p for p in proteins if p not in short]
-    rng = np.random.default_rng(0)
-    store.add(stand_ins, rng.normal(size=(len(stand_ins), 32)) * np.linspace(2, 0.2, 32) + 0.5)
-    transform = features.fit_feature_transform(store.get(stand_ins), num_components=15)
-    config = GLMConfig(emb_dim=33, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
-                       max_position_embeddings=32, max_genes=30, num_pc=16, initializer_range=0.3)
-    model = create_model(config, seed=7)
-    checkpoint.save_model(root / "model", model)
-    transform.save(root / "model" / "normalization.npz")
-    common = dict(store_dir=root / "store", esm2_dir=tiny_esm2_dir)
-    return dict(root=root, records=records, transform=transform, model=model, common=common, esm2=tiny_esm2_dir,
-                short=short)
+    directory holding that normalization.npz (tests/infer_golden.py)."""
+    return infer_golden.make_setup(tmp_path_factory.mktemp("infer"), tiny_esm2_dir)
 
 
 @pytest.fixture(scope="module")
