@@ -21,16 +21,15 @@ from flax import nnx
 
 from helpers import REPO_ROOT, random_windows, repo_config
 
-pytestmark = pytest.mark.slurm
-
 CLUSTER_SCRIPT = REPO_ROOT / "tests" / "slurm" / "cluster.sh"
 SBATCH_SCRIPT = REPO_ROOT / "launch" / "slurm.sbatch"
 DEFAULT_CLUSTER_CONF = pathlib.Path(os.environ.get("GLM_JAX_SLURM_DIR", "/tmp/glm-jax-slurm")) / "slurm.conf"
-# A job's time-limit signal: SLURM checks time limits every 30 s and sends --signal=B:SIG@LEAD at
-# the first check after (limit - LEAD - 30 s), so with --time=5 and a lead of 250 s the script gets
-# USR1 20-50 s after the job starts and passes it on once the tasks train; the limit itself, 5
-# minutes, leaves room for a slow start-up on a loaded machine.
-TIME_LIMIT_OPTIONS = ("--time=5", "--signal=B:USR1@250")
+# The time-limited job: the script's own timer sends it USR1 GLM_JAX_SAVE_LEAD_S before the
+# limit, so with --time=5 and a lead of 260 s it asks the tasks to save 40 s after the job starts
+# (once they train); the limit itself, 5 minutes, leaves room for a slow start-up on a loaded
+# machine. The default lead (45 s at --time=2 or 3) is checked without a cluster below.
+TIME_LIMIT_OPTIONS = ("--time=5",)
+TIME_LIMIT_LEAD_S = 260
 EXTRA_STEPS = 30  # steps the requeued run trains after the checkpoint of the time limit
 
 
@@ -112,9 +111,10 @@ def train_args(run_dir: pathlib.Path, workdir: str) -> list[str]:
             "--config.data.eval_pattern=", "--config.train.log_every=20", "--config.train.checkpoint_every=1000000"]
 
 
-def sbatch(env: dict, run_dir: pathlib.Path, workdir: str, *options: str) -> tuple[str, pathlib.Path]:
+def sbatch(env: dict, run_dir: pathlib.Path, workdir: str, *options: str, **job_env: str) -> tuple[str, pathlib.Path]:
+    """Submits launch/slurm.sbatch with 2 tasks; `job_env` is added to the environment the job gets."""
     log = run_dir / f"{workdir}.out"
-    job = slurm(env, "sbatch", "--parsable", "--ntasks-per-node=2", f"--output={log}", *options,
+    job = slurm({**env, **job_env}, "sbatch", "--parsable", "--ntasks-per-node=2", f"--output={log}", *options,
                 SBATCH_SCRIPT, *train_args(run_dir, workdir)).strip().split(";")[0]
     return job, log
 
@@ -129,9 +129,10 @@ def newest_step(workdir: pathlib.Path) -> int:
     return max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slurm
 def test_time_limited_job_saves_requeues_and_ends_equal_to_an_uninterrupted_srun_run(slurm_env, run_dir):
-    """sbatch launch/slurm.sbatch with 2 tasks and a 5-minute limit: SLURM's time-limit signal ->
-    every task saves at one step K and exits 0 -> the script requeues the job -> run 2 resumes at
+    """sbatch launch/slurm.sbatch with 2 tasks and a 5-minute limit: the script's timer fires
+    GLM_JAX_SAVE_LEAD_S before the limit -> every task saves at one step K and exits 0 -> the script requeues the job -> run 2 resumes at
     K and trains to K + EXTRA_STEPS. `srun -n 2 glm-jax train --distributed` of K + EXTRA_STEPS
     steps from scratch ends with the same parameters, bit for bit.
 
@@ -140,7 +141,7 @@ def test_time_limited_job_saves_requeues_and_ends_equal_to_an_uninterrupted_srun
     lifts the time limit, so run 2 finishes. The learning rate (warmup_constant) and the data order
     do not depend on num_steps, so this is the trajectory of a K + EXTRA_STEPS run.
     """
-    job, log = sbatch(slurm_env, run_dir, "job", *TIME_LIMIT_OPTIONS)
+    job, log = sbatch(slurm_env, run_dir, "job", *TIME_LIMIT_OPTIONS, GLM_JAX_SAVE_LEAD_S=str(TIME_LIMIT_LEAD_S))
     try:
         match = wait_until(lambda: re.search(r"glm-jax train: preempted at step (\d+)", log.read_text()
                                              if log.exists() else ""), 360, "a save at the time limit", log)
@@ -153,6 +154,7 @@ def test_time_limited_job_saves_requeues_and_ends_equal_to_an_uninterrupted_srun
     out = log.read_text()
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", out[-3000:]
     assert fields["Restarts"] == "1", out[-3000:]
+    assert f"slurm.sbatch: time limit 300 s: the tasks save and the job requeues {TIME_LIMIT_LEAD_S} s before it" in out
     assert "slurm.sbatch: time-limit signal (run 1 of job" in out
     assert "slurm.sbatch: run 1 of job" in out and "requeueing the job" in out
     assert f"resuming at step {match.group(1)}" in out and f"glm-jax train: stopped at step {total}" in out
@@ -174,10 +176,11 @@ def test_time_limited_job_saves_requeues_and_ends_equal_to_an_uninterrupted_srun
     assert not differing, differing
 
 
+@pytest.mark.slurm
 def test_scancel_saves_and_stops_without_requeue(slurm_env, run_dir):
     """scancel of a running job: SIGTERM to every task and the batch script -> a checkpoint at the
     step the tasks agree on, every task exits 0, the job ends CANCELLED and is not requeued."""
-    job, log = sbatch(slurm_env, run_dir, "job", "--time=5", "--signal=B:USR1@10")
+    job, log = sbatch(slurm_env, run_dir, "job", "--time=10")  # the default timer: 150 s before the limit
     metrics = run_dir / "job" / "metrics.jsonl"
     try:
         wait_until(lambda: metrics.exists() and '"train"' in metrics.read_text(), 240, "a first logged step", log)
@@ -193,3 +196,28 @@ def test_scancel_saves_and_stops_without_requeue(slurm_env, run_dir):
     assert fields["JobState"] == "CANCELLED" and fields["Restarts"] == "0", out[-2000:]
     assert "stopped early (checkpoint saved)" in out.splitlines()[-1]  # srun exit status 0: every task exited 0
     assert "requeueing" not in out
+
+
+def timer_functions(*calls: str, **env: str) -> list[str]:
+    """Runs launch/slurm.sbatch's time-limit functions (the block between its '--- the time-limit
+    timer' markers) in bash without a cluster; one output line per call ('-' when it fails)."""
+    script = SBATCH_SCRIPT.read_text()
+    block = script[script.index("# --- the time-limit timer"):script.index("# --- end of the time-limit timer")]
+    body = "".join(f"{call} || echo -\n" for call in calls)
+    env = {k: v for k, v in os.environ.items() if k != "GLM_JAX_SAVE_LEAD_S"} | env
+    result = subprocess.run(["bash", "-c", block + body], env=env, capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_save_lead_adapts_to_the_time_limit():
+    """The lead of the script's save timer: 300 s for long jobs, a quarter of short ones but at
+    least 45 s (at most half the limit), GLM_JAX_SAVE_LEAD_S when set; SLURM's time formats
+    (squeue %l / %L) in seconds, none for UNLIMITED."""
+    limits = {"1:00": 30, "2:00": 45, "3:00": 45, "5:00": 75, "10:00": 150, "20:00": 300, "1:00:00": 300,
+              "2-00:00:00": 300}
+    leads = timer_functions(*(f"save_lead $(slurm_seconds {limit})" for limit in limits))
+    assert leads == [str(lead) for lead in limits.values()]
+    assert timer_functions("save_lead 120", "save_lead 86400", GLM_JAX_SAVE_LEAD_S="600") == ["600", "600"]
+    assert timer_functions("slurm_seconds 4:59", "slurm_seconds 1:02:03", "slurm_seconds 1-01:59:59",
+                           "slurm_seconds UNLIMITED", "slurm_seconds NOT_SET") == ["299", "3723", "93599", "-", "-"]
