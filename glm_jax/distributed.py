@@ -195,6 +195,9 @@ def check_coordinator(cluster: Cluster, wait_s: float) -> None:
         raise DistributedError(f"{where}: cannot resolve host {host!r}: {error}") from None
     if cluster.process_id == 0:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            # as gRPC's server does: a port left in TIME_WAIT by the previous run (a requeued job
+            # reuses its coordinator port) is free; a port someone listens on still is not
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("", port))
             except OSError as error:

@@ -30,7 +30,6 @@ import errno
 import json
 import logging
 import pathlib
-import signal
 import sys
 import time
 import zlib
@@ -39,7 +38,6 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from glm_jax import files
 from glm_jax.model import checkpoint
@@ -373,33 +371,3 @@ def load_model_from_workdir(workdir: str | pathlib.Path, step: Optional[int] = N
         checkpointer.close()
     return checkpoint.model_from_params(config, params, source=f"{workdir} step {step}")
 
-
-class PreemptionGuard:
-    """Turns SIGTERM (what SLURM, Kubernetes and TPU maintenance send before a kill) into a
-    flag the training loop polls, so it can save a final checkpoint and exit cleanly.
-
-    Use as a context manager; the previous handler is restored on exit. `requested()` agrees
-    across hosts (any host signalled -> all stop at the same step), which costs an all-gather,
-    so multi-host loops call it every few steps only.
-    """
-
-    def __init__(self):
-        self._signalled = False
-        self._previous = None
-
-    def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous)
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self._signalled = True
-
-    def requested(self) -> bool:
-        if jax.process_count() == 1:
-            return self._signalled
-        from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(self._signalled))))
