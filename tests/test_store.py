@@ -14,6 +14,7 @@ import pytest
 from glm_jax.cli import main as cli
 from glm_jax.proteins import embed as pe
 from glm_jax.proteins import store as st
+from glm_jax.proteins import store_parts
 
 TESTS = pathlib.Path(__file__).resolve().parent
 FORMAT1 = TESTS / "data" / "format1_store"  # recorded with the format-1 code (commit d88c581)
@@ -34,9 +35,9 @@ def random_rows(n, dim=8, seed=0):
 def test_parts_index_and_tail_find_every_row(tmp_path, monkeypatch):
     """Rows are found while being written (unindexed tail), after periodic folds into the sorted
     index and after close, across parts; keys sharing the high word are told apart by the low."""
-    monkeypatch.setattr(st, "TAIL_ROWS", 800)  # folds at 900 and 1800 rows: index + tail both in play
-    monkeypatch.setattr(st, "BLOCK_WORDS", 32)  # blocks of 10 entries: many, some equal high words across edges
-    monkeypatch.setattr(st, "LOOKUP_BATCH", 64)  # lookups in several batches of queries
+    monkeypatch.setattr(store_parts, "TAIL_ROWS", 800)  # folds at 900 and 1800 rows: index + tail both in play
+    monkeypatch.setattr(store_parts, "BLOCK_WORDS", 32)  # blocks of 10 entries: many, some equal high words across edges
+    monkeypatch.setattr(store_parts, "LOOKUP_BATCH", 64)  # lookups in several batches of queries
     hashes, embeddings = random_rows(3000)
     hashes[1::37, 0] = hashes[0:-1:37, 0]  # pairs with equal high words
     store = st.EmbeddingStore(tmp_path / "s", model=MODEL)
