@@ -81,13 +81,9 @@ class GenomeFeatures:
     Features are rounded to `dtype` (float16 unless the training shards say otherwise) before the
     model, as make-shards stores them, so a window gives what training and `embed` saw.
 
-    Embeddings are read `READ_ROWS` proteins at a time, each time from a freshly opened store
-    (`open_store()`: a few small files). The store memory-maps its rows, and the kernel maps up to
-    64 KiB of page cache around every row it faults in (fault-around), all of which counts in the
-    process's RSS until the mapping is closed: one get of a chunk's ~5,000 proteins from a 10^6 x
-    256 store mapped 281 of its 341 MB. Closed after every READ_ROWS rows, that stays <= 64 MB."""
-
-    READ_ROWS = 1024
+    The store is opened per call (`open_store()`: a few small files), so rows other processes
+    committed since are seen; its reads are `pread`s of the rows asked for, so a chunk's lookup
+    costs memory for those rows only."""
 
     def __init__(self, open_store: Callable, transform: features.FeatureTransform, window: int,
                  dtype: str = "float16"):
@@ -104,8 +100,7 @@ class GenomeFeatures:
         for i, window in enumerate(genes):
             rows[i, :len(window)] = [row_of[g.protein] for g in window]
             strands[i, :len(window)] = [g.strand for g in window]
-        embeddings = np.concatenate([self.open_store().get(proteins[i:i + self.READ_ROWS])
-                                     for i in range(0, len(proteins), self.READ_ROWS)])
+        embeddings = self.open_store().get(proteins)
         arrays = features.window_arrays(self.transform, embeddings, rows, strands, dtype=self.dtype)
         esm = np.where((rows >= 0)[..., None], embeddings[np.maximum(rows, 0)].astype(np.float32), 0.0)
         return {"inputs_embeds": arrays["inputs_embeds"].astype(np.float32),
