@@ -236,6 +236,16 @@ def test_blocks_may_sit_in_any_page_and_each_must_be_in_one(tmp_path, capsys):
     assert "perf:scaling:begin" in capsys.readouterr().err
 
 
+def test_headline_takes_the_largest_streamed_corpus():
+    def streamed(genes, rss):
+        return result(case="data_pipeline", config=f"{genes} genes", impl="make-shards", dtype="float16",
+                      batch=None, shapes={"genes": genes, "esm2": "hash 256-d"}, median_s=genes / 1e4,
+                      extra={"peak_rss_bytes": rss})
+    rows = report.headline_block(report.latest([streamed(10 ** 6, 2 ** 30), streamed(10 ** 4, 2 ** 29)]))
+    assert ("| data pipeline at metagenome scale | streaming `make-shards` of 1,000,000 genes, hash 256-d embedder "
+            "(a stand-in for ESM2): peak memory 1 GiB, 100 s | Test CPU 9000 (cpu, 2 threads) |") in rows
+
+
 def test_pages_are_what_the_committed_results_give():
     """README.md's headline and docs/performance.md's tables (`python benchmarks/run.py report --check`)."""
     assert report.main(["--check"]) == 0, "generated tables are stale: python benchmarks/run.py report"
