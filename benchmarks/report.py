@@ -3,8 +3,8 @@ figures in docs/img/benchmarks/*.png.
 
     python benchmarks/run.py report [--results FILE.jsonl] [--page FILE.md ...] [--check]
 
-Each table lives in one of the pages (default: PAGES) between `<!-- perf:NAME:begin -->` and `<!--
-perf:NAME:end -->`. NAME is a key of BLOCKS: one per case in RESULT_TABLES (a table of that case's
+Each table lives in one of the pages (default: PAGES) between `<!-- perf:NAME:begin -->` and
+`<!-- perf:NAME:end -->`. NAME is a key of BLOCKS: one per case in RESULT_TABLES (a table of that case's
 records), `scaling` (the analytic table of benchmarks/scaling_table.py) and `headline` (a few rows
 for the README, picked by benchmarks/headline.py). To add a block, add its builder to BLOCKS and
 its markers to a page. Of several records of one measurement -- same case, config, impl, dtype,
