@@ -198,6 +198,30 @@ def test_scancel_saves_and_stops_without_requeue(slurm_env, run_dir):
     assert "requeueing" not in out
 
 
+@pytest.mark.slurm
+def test_a_save_cut_by_the_time_limit_still_requeues(slurm_env, run_dir):
+    """SLURM's own SIGTERM at the time limit reaches the tasks while they train (here the timer is
+    off, GLM_JAX_SAVE_LEAD_S=0; in use, a save slower than its lead): they save and exit 0, and the
+    script, seeing Reason=TimeLimit, requeues the job instead of taking the signal for a scancel.
+    The limit is cut to just past the job's run time once it trains, so the test waits seconds."""
+    job, log = sbatch(slurm_env, run_dir, "job", "--time=5", GLM_JAX_SAVE_LEAD_S="0")
+    metrics = run_dir / "job" / "metrics.jsonl"
+    try:
+        wait_until(lambda: metrics.exists() and '"train"' in metrics.read_text(), 240, "a first logged step", log)
+        run_time = sum(int(x) * 60 ** i for i, x in enumerate(reversed(job_fields(slurm_env, job)["RunTime"].split(":"))))
+        limit = run_time + 5
+        slurm(slurm_env, "scontrol", "update", f"JobId={job}", f"TimeLimit={limit // 60}:{limit % 60:02d}")
+        wait_until(lambda: "requeueing the job" in log.read_text(), 120, "the requeue after the time limit", log)
+        wait_until(lambda: int(job_fields(slurm_env, job)["Restarts"]) == 1, 60, "Restarts=1", log)
+    finally:
+        subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
+    out = log.read_text()
+    step = int(re.search(r"glm-jax train: preempted at step (\d+)", out).group(1))
+    assert newest_step(run_dir / "job") == step
+    assert "no save timer (GLM_JAX_SAVE_LEAD_S=0)" in out and "time-limit signal" not in out
+    assert "the SIGTERM came from the time limit" in out
+
+
 def timer_functions(*calls: str, **env: str) -> list[str]:
     """Runs launch/slurm.sbatch's time-limit functions (the block between its '--- the time-limit
     timer' markers) in bash without a cluster; one output line per call ('-' when it fails)."""
