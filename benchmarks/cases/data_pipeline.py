@@ -8,12 +8,20 @@ enough that the pipeline, not the model, is measured) and a new embedding store.
 size: wall time of the whole command, the child's peak RSS (os.wait4's ru_maxrss, that process
 alone), genes/s (items_per_s), distinct proteins/s and windows/s. --baseline REF runs the same
 command with the code of commit REF (git archive) for comparison (ratio_vs_baseline = its time /
-this time; its peak RSS in extra). `infer` is not measured here yet.
+this time; its peak RSS in extra).
+
+Then (unless --stages leaves it out) `glm-jax infer` runs on the same inputs in a fresh process
+with make-shards' embedding store, so every protein is already embedded and infer's survey,
+model, featurisation and table writing are what is measured. Its checkpoint is a tiny random gLM
+(`make-checkpoint` child: emb_dim = embedding width + 1, 1 layer, hidden 32, make-shards'
+normalization.npz beside it); options are infer's defaults (window 30, stride 15, 256 windows per
+chunk, batch 32). Recorded as impl `infer`: wall time, the child's peak RSS, genes/s, windows/s.
 
 `--embedder hash` replaces ESM2 by a stand-in that writes the same store (format 2, one part per
 process) with embeddings drawn from a hash of each sequence: everything make-shards does but the
 model's arithmetic, for corpora whose ESM2 time (even 1 x 256) would not fit the time at hand.
-The child is then `python benchmarks/cases/data_pipeline.py hash-child MAKE-SHARDS-ARGS...`.
+The child is then `python benchmarks/cases/data_pipeline.py hash-child MAKE-SHARDS-ARGS...`
+(`hash-infer-child INFER-ARGS...` for infer: a protein missing from the store gets a hash row).
 """
 from __future__ import annotations
 
@@ -45,6 +53,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--timeout", type=float, default=7200, help="seconds allowed per make-shards run")
     parser.add_argument("--embedder", choices=("esm2", "hash"), default="esm2",
                         help="hash: a stand-in for ESM2 that writes the same store without the model's arithmetic")
+    parser.add_argument("--stages", default="make-shards,infer",
+                        help="make-shards, or make-shards,infer (infer uses make-shards' store)")
 
 
 def random_esm2(directory: pathlib.Path, hidden: int, layers: int) -> pathlib.Path:
@@ -139,26 +149,84 @@ def run(args, recorder) -> None:
         common = dict(case=CASE, config=f"{genes} genes", impl="make-shards", dtype="float16", shapes=shapes)
         if result["returncode"] != 0:
             recorder.record(**common, status="failed", reason=result["log"].strip().splitlines()[-1][:300])
-            continue
-        info = json.loads((result["out"] / "dataset_info.json").read_text())
-        windows = sum(split["num_windows"] for split in info["splits"].values())
-        distinct = info["normalization"]["n_samples"]
-        seconds = result["seconds"]
-        extra = {"peak_rss_bytes": result["peak_rss_bytes"], "peak_rss_mb": round(result["peak_rss_bytes"] / 2 ** 20),
-                 "distinct_proteins": distinct, "windows": windows, "contigs": info["summary"]["genomes"]["contigs"],
-                 "proteins_per_s": distinct / seconds, "windows_per_s": windows / seconds}
-        baseline = results.get("baseline")
-        ratio = None
-        if baseline is not None:
-            extra["baseline_returncode"] = baseline["returncode"]
-            if baseline["returncode"] == 0:
-                ratio = baseline["seconds"] / seconds
-                extra |= {"baseline_s": baseline["seconds"], "baseline_peak_rss_mb": round(baseline["peak_rss_bytes"] / 2 ** 20)}
-        recorder.record(**common, median_s=seconds, min_s=seconds, max_s=seconds, repeats=1, items_per_s=genes / seconds,
-                        items_unit="genes/s", baseline=f"make-shards at {args.baseline}" if args.baseline else None,
-                        ratio_vs_baseline=ratio, status="ok", extra=extra)
+        else:
+            record_make_shards(recorder, common, result, results.get("baseline"), args.baseline)
+            if "infer" in args.stages.split(","):
+                record_infer(recorder, common | {"impl": "infer"},
+                             run_infer(workdir, inputs, result["out"], model, args.embedder, env, args.timeout))
         for name, r in results.items():
             shutil.rmtree(r["out"], ignore_errors=True)
+
+
+def record_make_shards(recorder, common: dict, result: dict, baseline: dict | None, ref: str | None) -> None:
+    info = json.loads((result["out"] / "dataset_info.json").read_text())
+    windows = sum(split["num_windows"] for split in info["splits"].values())
+    distinct = info["normalization"]["n_samples"]
+    seconds, genes = result["seconds"], common["shapes"]["genes"]
+    extra = {"peak_rss_bytes": result["peak_rss_bytes"], "peak_rss_mb": round(result["peak_rss_bytes"] / 2 ** 20),
+             "distinct_proteins": distinct, "windows": windows, "contigs": info["summary"]["genomes"]["contigs"],
+             "proteins_per_s": distinct / seconds, "windows_per_s": windows / seconds}
+    ratio = None
+    if baseline is not None:
+        extra["baseline_returncode"] = baseline["returncode"]
+        if baseline["returncode"] == 0:
+            ratio = baseline["seconds"] / seconds
+            extra |= {"baseline_s": baseline["seconds"], "baseline_peak_rss_mb": round(baseline["peak_rss_bytes"] / 2 ** 20)}
+    recorder.record(**common, median_s=seconds, min_s=seconds, max_s=seconds, repeats=1, items_per_s=genes / seconds,
+                    items_unit="genes/s", baseline=f"make-shards at {ref}" if ref else None,
+                    ratio_vs_baseline=ratio, status="ok", extra=extra)
+
+
+def run_infer(workdir: pathlib.Path, inputs: list[str], shards: pathlib.Path, esm2: pathlib.Path, embedder: str,
+              env: dict, timeout: float) -> dict:
+    """`glm-jax infer` of `inputs` with a tiny random gLM fitted to `shards`' features and their
+    embedding store, in a fresh process -> measure()'s dict + the manifest's summary."""
+    checkpoint, out = shards.parent / f"{shards.name}-glm", shards.parent / f"{shards.name}-infer"
+    for folder in (checkpoint, out):
+        shutil.rmtree(folder, ignore_errors=True)
+    made = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "make-checkpoint", str(shards),
+                           str(checkpoint)], env=env, cwd=REPO, capture_output=True, text=True)
+    if made.returncode != 0:
+        return {"returncode": made.returncode, "log": made.stderr[-2000:]}
+    command = [sys.executable, "-m", "glm_jax.cli", "infer", *inputs, "--checkpoint", str(checkpoint),
+               "--store", str(shards / "embeddings"), "--esm2-model", str(esm2), "--output", str(out), "--no-progress"]
+    if embedder == "hash":
+        command[1:4] = [str(pathlib.Path(__file__).resolve()), "hash-infer-child"]
+    result = measure(command, env, REPO, timeout)
+    if result["returncode"] == 0:
+        result["summary"] = json.loads((out / "manifest.json").read_text())["summary"]
+    for folder in (checkpoint, out):
+        shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def record_infer(recorder, common: dict, result: dict) -> None:
+    if result["returncode"] != 0:
+        recorder.record(**common, status="failed", reason=result["log"].strip().splitlines()[-1][:300])
+        return
+    seconds, summary = result["seconds"], result["summary"]
+    extra = {"peak_rss_bytes": result["peak_rss_bytes"], "peak_rss_mb": round(result["peak_rss_bytes"] / 2 ** 20),
+             "windows": summary["windows"], "contigs": summary["contigs"], "genes_per_s": summary["genes"] / seconds,
+             "windows_per_s": summary["windows"] / seconds, "model": TINY_GLM}
+    recorder.record(**common, median_s=seconds, min_s=seconds, max_s=seconds, repeats=1,
+                    items_per_s=summary["genes"] / seconds, items_unit="genes/s", status="ok", extra=extra)
+
+
+TINY_GLM = dict(num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64, max_position_embeddings=32,
+                max_genes=30)
+
+
+def make_checkpoint(shards: str, directory: str) -> int:
+    """A random gLM of TINY_GLM's shape for make-shards output `shards` (emb_dim = its embedding
+    width + 1, num_pc its PCA's), with its normalization.npz, in `directory`."""
+    from glm_jax.data import features
+    from glm_jax.model import checkpoint
+    from glm_jax.model.glm import GLMConfig, create_model
+    transform = features.load_feature_transform(pathlib.Path(shards) / "normalization.npz")
+    config = GLMConfig(emb_dim=transform.mean.shape[0] + 1, num_pc=transform.num_pc, **TINY_GLM)
+    checkpoint.save_model(directory, create_model(config, seed=0))
+    shutil.copy(pathlib.Path(shards) / "normalization.npz", pathlib.Path(directory) / "normalization.npz")
+    return 0
 
 
 class HashEmbed:
@@ -177,7 +245,7 @@ class HashEmbed:
 
     def __call__(self, sequences):
         from glm_jax.proteins.store import DEFAULT_WRITER, EmbeddingStore
-        store = EmbeddingStore(self.store_dir, model={"dim": self.dim, "fingerprint": "hash"})
+        store = EmbeddingStore(self.store_dir, model={"dim": self.dim, "fingerprint": "hash", "layer": None})
         chunk = []
         with store.writing(self.writer or DEFAULT_WRITER):
             for sequence in sequences:
@@ -207,5 +275,27 @@ def hash_child(argv: list[str]) -> int:
     return cli.main(["make-shards", *argv])
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["hash-child"]:
-    sys.exit(hash_child(sys.argv[2:]))
+def hash_infer_child(argv: list[str]) -> int:
+    """`glm-jax infer ARGV` with the proteins looked up in the store; any missing one gets a
+    `HashEmbed` row (make-shards' hash store holds them all)."""
+    from glm_jax.cli import main as cli
+    from glm_jax.inference import inputs
+    from glm_jax.proteins.store import EmbeddingStore
+
+    def embed_distinct(proteins, esm2_dir, store_dir, info, process, processes, progress, log):
+        store = EmbeddingStore(store_dir)
+        missing = store.missing(proteins)
+        if missing:
+            HashEmbed(store_dir, store.embedding_dim, f"p{process:05d}")(missing)
+        log(f"hash stand-in: {len(missing)} proteins missing from {store_dir}, embedded")
+        return EmbeddingStore(store_dir)
+
+    inputs.embed_distinct = embed_distinct
+    return cli.main(["infer", *argv])
+
+
+CHILDREN = {"hash-child": hash_child, "hash-infer-child": hash_infer_child,
+            "make-checkpoint": lambda argv: make_checkpoint(*argv)}
+
+if __name__ == "__main__" and sys.argv[1:2] and sys.argv[1] in CHILDREN:
+    sys.exit(CHILDREN[sys.argv[1]](sys.argv[2:]))
