@@ -219,7 +219,7 @@ def test_a_save_cut_by_the_time_limit_still_requeues(slurm_env, run_dir):
     step = int(re.search(r"glm-jax train: preempted at step (\d+)", out).group(1))
     assert newest_step(run_dir / "job") == step
     assert "no save timer (GLM_JAX_SAVE_LEAD_S=0)" in out and "time-limit signal" not in out
-    assert "the SIGTERM came from the time limit" in out
+    assert "the SIGTERM came from the time limit, not from scancel" in out
 
 
 def timer_functions(*calls: str, **env: str) -> list[str]:
