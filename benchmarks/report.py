@@ -33,10 +33,11 @@ PAGES = (README, REPO / "docs" / "performance.md")  # the pages whose blocks `re
 # cases with a generated table: adding a case here (and, if wanted, its SHOWN_SHAPES / EXTRA_COLUMNS)
 # is all it takes, given its `<!-- perf:CASE:begin/end -->` markers in a page (docs/performance.md
 # already holds data_pipeline's)
-RESULT_TABLES = ("train_step", "forward", "esm2", "input_pipeline", "attention", "data_pipeline")
+RESULT_TABLES = ("train_step", "forward", "esm2", "input_pipeline", "attention", "data_pipeline", "store_lookup")
 # shapes entries shown in a table's "sizes" column (None: all of them)
 SHOWN_SHAPES = {"train_step": (), "forward": (), "esm2": ("length", "proteins"), "input_pipeline": ("windows",),
-                "attention": ("genes", "heads", "head_dim", "pass"), "data_pipeline": ("format", "esm2")}
+                "attention": ("genes", "heads", "head_dim", "pass"), "data_pipeline": ("format", "esm2"),
+                "store_lookup": ("rows", "keys")}
 # extra columns: (header, extra key, formatter)
 EXTRA_COLUMNS = {
     "train_step": (("genes/s", "genes_per_s", "number"),),
@@ -47,6 +48,8 @@ EXTRA_COLUMNS = {
     "attention": (("peak memory", "memory", "bytes"),),
     "data_pipeline": (("peak RSS", "peak_rss_bytes", "bytes"), ("distinct proteins/s", "proteins_per_s", "number"),
                       ("windows/s", "windows_per_s", "number")),
+    "store_lookup": (("warm get", "get_warm_s", "seconds"), ("peak RSS", "peak_rss_bytes", "bytes"),
+                     ("on disk", "store_bytes", "bytes"), ("build", "build_s", "seconds")),
 }
 LENGTH_KEYS = ("genes", "seq_len", "length", "S", "contig_genes")  # contig length in attention records
 MEMORY_KEYS = ("peak_memory_bytes", "memory_bytes", "compiled_bytes")  # the attention case's extra
@@ -151,7 +154,7 @@ def fmt_float(value) -> str:
     return "" if value is None else f"{value:.2g}"
 
 
-FORMATTERS = {"number": fmt_number, "bytes": fmt_bytes, "float": fmt_float}
+FORMATTERS = {"number": fmt_number, "bytes": fmt_bytes, "float": fmt_float, "seconds": fmt_seconds}
 
 
 def memory_bytes(record: dict):

@@ -39,6 +39,7 @@ CASES = {  # name -> (module, what it measures)
                        "shard readers (windows/s) vs what the gLM-base train step consumes"),
     "data_pipeline": ("benchmarks.cases.data_pipeline",
                       "make-shards on a synthetic metagenome: peak RSS, genes/s vs corpus size"),
+    "store_lookup": ("benchmarks.cases.store_lookup", "embedding store get of random keys: time, peak RSS vs rows"),
 }
 
 
