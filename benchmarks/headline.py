@@ -79,7 +79,8 @@ def _input_pipeline(records):
 
 def _data_pipeline(records):
     """make-shards' peak memory at the largest corpus it streamed."""
-    ok = [r for r in records if r.get("case") == "data_pipeline" and r.get("status", "ok") == "ok"
+    ok = [r for r in records if r.get("case") == "data_pipeline" and r.get("impl") == "make-shards"
+          and r.get("status", "ok") == "ok"
           and isinstance((r.get("shapes") or {}).get("genes"), int)]
     if not ok:
         return None, None

@@ -348,8 +348,8 @@ def plot_series(case: str, records: list[dict]) -> dict[str, list[tuple]]:
         elif case == "data_pipeline":
             genes, rss = (r.get("shapes") or {}).get("genes"), (r.get("extra") or {}).get("peak_rss_bytes")
             if isinstance(genes, int) and rss:
-                shapes = r.get("shapes") or {}  # one line per embedder ("1x256" ESM2, "hash 256-d") and format
-                series[f"{shapes.get('esm2')} {shapes.get('format')}"].append((genes, rss / 2 ** 20))
+                shapes = r.get("shapes") or {}  # one line per command (make-shards, infer), embedder and format
+                series[f"{r.get('impl')} {shapes.get('esm2')} {shapes.get('format')}"].append((genes, rss / 2 ** 20))
         elif case == "esm2":
             length = (r.get("shapes") or {}).get("length")
             if isinstance(length, int) and r.get("items_per_s"):
