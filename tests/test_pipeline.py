@@ -1,7 +1,6 @@
 """make-shards / fit-normalization end to end. The embedding step is a stand-in store here (its own
 tests live with glm_jax.proteins.embed); the golden case feeds the reference ESM embeddings."""
 import gzip
-import hashlib
 import json
 import signal
 import subprocess
@@ -17,25 +16,13 @@ from glm_jax.data import make_shards as pipeline
 from glm_jax.data import shards
 from glm_jax.data.genomes import read_genomes
 from glm_jax.data.windows import WindowConfig, contig_windows
+from helpers import HashEmbeddings
 
 PHAGES = ("genomes/pharokka_SAOMS1_MW460250_standard.gbk.gz", "genomes/pharokka_meta_5phages.gbk.gz")
 
 
-class HashStore:
-    """Deterministic float16 'embeddings' per sequence, with anisotropic variance so a PCA is meaningful."""
-
-    def __init__(self, dim=48):
-        self.dim, self.requested = dim, []
-
-    def __call__(self, sequences):
-        self.requested.append(list(sequences))
-        return self
-
-    def get(self, sequences):
-        def one(sequence):
-            rng = np.random.default_rng(int.from_bytes(hashlib.sha256(sequence.encode()).digest()[:8], "little"))
-            return rng.normal(size=self.dim) * np.linspace(3, 0.2, self.dim) + 1
-        return np.array([one(s) for s in sequences], np.float16).reshape(len(sequences), self.dim)
+# Deterministic float16 'embeddings' per sequence, anisotropic so a PCA is meaningful.
+HashStore = HashEmbeddings
 
 
 class TableStore:
