@@ -23,6 +23,6 @@ glm-jax train --config configs/quickstart.py --workdir "$RUN/train" \
     --config.data.train_pattern="$RUN/shards" --config.data.eval_pattern="$RUN/shards"
 glm-jax embed --checkpoint "$RUN/train" --shards "$RUN/shards" --split eval --output "$RUN/eval_embeddings.npz"
 # Per-gene results of a whole shipped genome (every CDS, overlapping windows, adjacent-pair attention
-# features for the operon analysis); its proteins are already in make-shards' ESM2 store, read with --store.
+# features for the operon analysis); most of its proteins are already in make-shards' ESM2 store (--store).
 glm-jax infer data/genomes/pharokka_SAOMS1_MW460250_standard.gbk.gz --checkpoint "$RUN/train" \
     --output "$RUN/infer" --store "$RUN/shards/embeddings" --attention pairs --hypotheses
